@@ -1,0 +1,101 @@
+// Argument validation shared by the CPU and CUDA entry points of the accumulate ops.
+// Every message names the argument and says how to fix the call; all raise ValueError.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>  // at::has_internal_overlap
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace memengine {
+
+// Bytes [begin, end) spanned by a tensor's elements (a superset of them when strided).
+struct ByteSpan {
+  uintptr_t begin, end;
+};
+
+inline ByteSpan byte_span(const at::Tensor& t) {
+  int64_t last = 0;  // offset of the furthest element, in elements
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+inline bool is_supported_source_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+// Validates one (dst, src) pair. `dst_name`/`src_name` are how the caller spells them
+// ("dst" or "dsts[3]") so that errors point at the offending argument.
+inline void check_accumulate_pair(const char* op, const at::Tensor& dst, const at::Tensor& src,
+                                  const std::string& dst_name, const std::string& src_name) {
+  TORCH_CHECK_VALUE(dst.defined() && src.defined(), op, ": ", dst_name, " and ", src_name, " must be tensors");
+  TORCH_CHECK_VALUE(dst.scalar_type() == at::kFloat, op, ": ", dst_name, " must be float32 (the fp32 gradient buffer), got ",
+                    dst.scalar_type(), "; allocate it with dtype=torch.float32");
+  TORCH_CHECK_VALUE(is_supported_source_dtype(src.scalar_type()), op, ": ", src_name,
+                    " must be float32, bfloat16 or float16, got ", src.scalar_type(),
+                    "; integer and complex tensors are not gradients memengine can accumulate");
+  TORCH_CHECK_VALUE(src.device() == dst.device(), op, ": ", src_name, " is on ", src.device(), " but ", dst_name, " is on ",
+                    dst.device(), "; move ", src_name, " to ", dst_name, "'s device");
+  TORCH_CHECK_VALUE(src.sizes() == dst.sizes(), op, ": ", src_name, " has shape ", src.sizes(), " but ", dst_name,
+                    " has shape ", dst.sizes(), "; shapes must match exactly (no broadcasting)");
+  if (dst.numel() == 0) {
+    return;
+  }
+  TORCH_CHECK_VALUE(at::has_internal_overlap(dst) != at::MemOverlap::Yes, op, ": ", dst_name,
+                    " has elements that share memory (for example a view made by expand()); pass a tensor that owns "
+                    "each element, e.g. ", dst_name, ".contiguous()");
+  if (dst.storage().data() == src.storage().data()) {
+    const bool same_view = dst.data_ptr() == src.data_ptr() && dst.strides() == src.strides() &&
+                           dst.scalar_type() == src.scalar_type();
+    const ByteSpan d = byte_span(dst), s = byte_span(src);
+    TORCH_CHECK_VALUE(same_view || d.end <= s.begin || s.end <= d.begin, op, ": ", dst_name, " and ", src_name,
+                      " overlap in memory; pass a copy of ", src_name, " (", src_name, ".clone())");
+  }
+}
+
+// alpha is either the Python float `alpha` or, when given, the 0-dim float32 tensor
+// `alpha_tensor` on dst's device (or on the CPU). Returns nothing; kernels read it themselves.
+inline void check_alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha_tensor, const at::Device& device) {
+  if (!alpha_tensor.has_value() || !alpha_tensor->defined()) {
+    return;
+  }
+  const at::Tensor& alpha = *alpha_tensor;
+  TORCH_CHECK_VALUE(alpha.dim() == 0 && alpha.scalar_type() == at::kFloat, op,
+                    ": alpha must be a Python float or a 0-dim float32 tensor, got a ", alpha.scalar_type(),
+                    " tensor of shape ", alpha.sizes(), "; use alpha.reshape(()).float()");
+  TORCH_CHECK_VALUE(alpha.device() == device || alpha.device().is_cpu(), op, ": alpha is on ", alpha.device(),
+                    " but the gradients are on ", device, "; move alpha to ", device);
+}
+
+// Two entries of one multi_accumulate_ call must not write the same memory: the CUDA kernel
+// processes them concurrently. Checked in O(n log n) on the byte ranges the dsts span.
+inline void check_dsts_disjoint(const char* op, at::TensorList dsts) {
+  struct Span {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(dsts.size());
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    const at::Tensor& t = dsts[i];
+    if (!t.defined() || t.numel() == 0) {
+      continue;
+    }
+    const ByteSpan span = byte_span(t);
+    spans.push_back({span.begin, span.end, i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK_VALUE(spans[k].begin >= spans[k - 1].end, op, ": dsts[", spans[k - 1].index, "] and dsts[",
+                      spans[k].index, "] overlap in memory; every destination must be a separate region");
+  }
+}
+
+}  // namespace memengine

@@ -1,0 +1,19 @@
+"""Command line: `python -m memengine info [--json]`."""
+
+import argparse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m memengine", description="memengine tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, build, CPU features and the backend of each op")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from memengine import info as info_module
+
+        info_module.main(as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Argument checks of the Python kernels (reference, Triton, fake), worded like the C++ ones
+in csrc/include/memengine/checks.h so that every backend rejects bad input the same way."""
+
+import torch
+
+SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(op, message):
+    raise ValueError(f"{op}: {message}")
+
+
+def _span(t):
+    """Byte range [begin, end) that a tensor's elements occupy."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    begin = t.data_ptr()
+    return begin, begin + (last + 1) * t.element_size()
+
+
+def check_accumulate_pair(op, dst, src, dst_name, src_name, check_memory=True):
+    if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
+        _fail(op, f"{dst_name} and {src_name} must be tensors")
+    if dst.dtype != torch.float32:
+        _fail(op, f"{dst_name} must be float32 (the fp32 gradient buffer), got {dst.dtype}; "
+                  "allocate it with dtype=torch.float32")
+    if src.dtype not in SOURCE_DTYPES:
+        _fail(op, f"{src_name} must be float32, bfloat16 or float16, got {src.dtype}; "
+                  "integer and complex tensors are not gradients memengine can accumulate")
+    if src.device != dst.device:
+        _fail(op, f"{src_name} is on {src.device} but {dst_name} is on {dst.device}; "
+                  f"move {src_name} to {dst_name}'s device")
+    if src.shape != dst.shape:
+        _fail(op, f"{src_name} has shape {list(src.shape)} but {dst_name} has shape {list(dst.shape)}; "
+                  "shapes must match exactly (no broadcasting)")
+    if not check_memory or dst.numel() == 0:
+        return
+    if torch._debug_has_internal_overlap(dst) == 1:
+        _fail(op, f"{dst_name} has elements that share memory (for example a view made by expand()); "
+                  f"pass a tensor that owns each element, e.g. {dst_name}.contiguous()")
+    if dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+        same_view = (dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride() and dst.dtype == src.dtype)
+        (dst_begin, dst_end), (src_begin, src_end) = _span(dst), _span(src)
+        if not same_view and dst_begin < src_end and src_begin < dst_end:
+            _fail(op, f"{dst_name} and {src_name} overlap in memory; pass a copy of {src_name} ({src_name}.clone())")
+
+
+def check_alpha_tensor(op, alpha_tensor, device):
+    if alpha_tensor is None:
+        return
+    if alpha_tensor.dim() != 0 or alpha_tensor.dtype != torch.float32:
+        _fail(op, f"alpha must be a Python float or a 0-dim float32 tensor, got a {alpha_tensor.dtype} tensor of "
+                  f"shape {list(alpha_tensor.shape)}; use alpha.reshape(()).float()")
+    if alpha_tensor.device != device and alpha_tensor.device.type != "cpu":
+        _fail(op, f"alpha is on {alpha_tensor.device} but the gradients are on {device}; move alpha to {device}")
+
+
+def check_same_length(op, dsts, srcs):
+    if len(dsts) != len(srcs):
+        _fail(op, f"dsts has {len(dsts)} tensors but srcs has {len(srcs)}; pass one source per destination")
+
+
+def check_dsts_disjoint(op, dsts):
+    spans = sorted((_span(t) + (i,)) for i, t in enumerate(dsts) if t.numel() > 0)
+    for (_, previous_end, previous), (begin, _, index) in zip(spans, spans[1:]):
+        if begin < previous_end:
+            _fail(op, f"dsts[{previous}] and dsts[{index}] overlap in memory; every destination must be a "
+                      "separate region")
