@@ -34,6 +34,11 @@ pybind11::dict build_info() {
 #else
   info["debug"] = false;
 #endif
+#if defined(_OPENMP)
+  info["openmp"] = true;  // at::parallel_for runs the CPU kernels on all threads
+#else
+  info["openmp"] = false;
+#endif
   info["cpu_isa_supported"] = memengine::cpu::isa_name(memengine::cpu::best_supported_isa());
   return info;
 }

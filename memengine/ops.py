@@ -5,6 +5,7 @@ import torch
 from memengine import _backend, _ops
 
 OPS = ("accumulate_", "multi_accumulate_")
+_CPP_ACCUMULATE = torch.ops.memengine.accumulate_.default
 
 
 def _split_alpha(alpha):
@@ -24,7 +25,7 @@ def accumulate_(dst, src, alpha=1.0, overwrite=False):
     alpha_value, alpha_tensor = _split_alpha(alpha)
     backend = _backend.select("accumulate_", dst.device.type)
     if backend == "cpp":
-        torch.ops.memengine.accumulate_(dst, src, alpha_value, alpha_tensor, overwrite)
+        _CPP_ACCUMULATE(dst, src, alpha_value, alpha_tensor, overwrite)
     elif backend == "triton":
         torch.ops.memengine._triton_accumulate_(dst, src, alpha_value, alpha_tensor, overwrite)
     else:

@@ -24,6 +24,15 @@ def test_extension_loaded_when_required():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"memengine::{op}", "CPU")
 
 
+def test_cpu_kernels_are_multithreaded_like_torch():
+    """at::parallel_for is inline OpenMP: a build without -fopenmp would run on one thread."""
+    info = _extension.build_info()
+    if info is None:
+        pytest.skip(f"memengine._C not loaded ({_extension.load_error})")
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert info["openmp"], "memengine._C was compiled without OpenMP; its CPU kernels run on one thread"
+
+
 def test_cuda_kernels_registered_when_built_with_cuda():
     """Needs no GPU: the CUDA kernels register with the dispatcher when _C is imported."""
     info = _extension.build_info()

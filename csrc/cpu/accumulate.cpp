@@ -33,22 +33,17 @@ void accumulate_span_scalar(float* dst, const void* src_bytes, int64_t n, float 
 }
 
 #if defined(MEMENGINE_X86_SIMD)
-// Four independent vectors per iteration keep enough loads in flight to saturate memory
-// bandwidth (a one-vector loop measured about 15% slower on 64 Mi bf16 elements).
+// Unrolled four vectors deep so that several loads are in flight; the op is memory bound.
 template <class Vec, class Src, bool Overwrite>
 MEMENGINE_ALWAYS_INLINE void accumulate_span_simd(float* dst, const Src* src, int64_t n, float alpha) {
   constexpr int W = Vec::kWidth;
   const Vec a = Vec::broadcast(alpha);
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    const Vec r0 = accumulate_value<Overwrite>(Vec::load(dst + i), Vec::load(src + i), a);
-    const Vec r1 = accumulate_value<Overwrite>(Vec::load(dst + i + W), Vec::load(src + i + W), a);
-    const Vec r2 = accumulate_value<Overwrite>(Vec::load(dst + i + 2 * W), Vec::load(src + i + 2 * W), a);
-    const Vec r3 = accumulate_value<Overwrite>(Vec::load(dst + i + 3 * W), Vec::load(src + i + 3 * W), a);
-    r0.store(dst + i);
-    r1.store(dst + i + W);
-    r2.store(dst + i + 2 * W);
-    r3.store(dst + i + 3 * W);
+    for (int k = 0; k < 4; ++k) {
+      const int64_t j = i + k * W;
+      accumulate_value<Overwrite>(Vec::load(dst + j), Vec::load(src + j), a).store(dst + j);
+    }
   }
   for (; i + W <= n; i += W) {
     accumulate_value<Overwrite>(Vec::load(dst + i), Vec::load(src + i), a).store(dst + i);

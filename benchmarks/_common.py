@@ -1,0 +1,120 @@
+"""Shared benchmark plumbing: robust timing, the CSV format of DESIGN.md, a printed table."""
+
+import contextlib
+import csv
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+CSV_FIELDS = ["kernel", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "throughput", "unit",
+              "peak_bytes", "torch", "git_sha", "device", "threads"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def environment(name, value):
+    """Sets (or, with None, leaves alone) an environment variable for the duration."""
+    if value is None:
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = previous
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, min_time_s=0.5, min_repeats=7, max_repeats=200, min_sample_s=1e-3):
+    """Percentiles (p20, p50, p80) of the time of one call, in seconds.
+
+    Each sample times a batch of calls long enough (min_sample_s) for the clock to resolve;
+    samples are taken until both min_repeats and min_time_s are reached.
+    """
+    fn()  # warm-up (also triggers compilation)
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    once = max(time.perf_counter() - start, 1e-7)
+    batch = max(1, int(min_sample_s / once))
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - started < min_time_s):
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) / batch)
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return q[1], statistics.median(samples), q[7]
+
+
+def peak_extra_bytes(fn, device):
+    """Bytes allocated beyond what was live before the call (CUDA allocator); None on CPU,
+    where PyTorch keeps no allocator statistics."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+class Results:
+    def __init__(self, csv_path):
+        self.csv_path = csv_path
+        self.rows = []
+        self.sha = git_sha()
+
+    def add(self, **row):
+        row.update(torch=torch.__version__, git_sha=self.sha, threads=torch.get_num_threads())
+        self.rows.append(row)
+        print(self.format_row(row), flush=True)
+
+    @staticmethod
+    def header():
+        return (f"{'kernel':<12} {'provider':<16} {'shape':>12} {'dtype':<9} {'p50 ms':>10} {'p20 ms':>10} "
+                f"{'p80 ms':>10} {'throughput':>12}")
+
+    @staticmethod
+    def format_row(row):
+        if row.get("p50_ms") is None:
+            return f"{row['kernel']:<12} {row['provider']:<16} {row['shape']:>12} {row['dtype']:<9} {row['note']}"
+        return (f"{row['kernel']:<12} {row['provider']:<16} {row['shape']:>12} {row['dtype']:<9} "
+                f"{row['p50_ms']:>10.4f} {row['p20_ms']:>10.4f} {row['p80_ms']:>10.4f} "
+                f"{row['throughput']:>8.1f} {row['unit']}")
+
+    def write_csv(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.csv_path)), exist_ok=True)
+        new = not os.path.exists(self.csv_path)
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            for row in self.rows:
+                if row.get("p50_ms") is not None:
+                    writer.writerow(row)
+        print(f"\nappended {sum(r.get('p50_ms') is not None for r in self.rows)} rows to {self.csv_path}")
