@@ -27,7 +27,7 @@ $(VENV)/.installed:
 
 # --no-build-isolation: compile against the torch in $(VENV), never a second copy (README, "Installing").
 build: venv
-	$(PY) -m pip install --no-build-isolation --no-deps --editable . 2>&1 | tee $(VENV)/build.log | grep -E "memengine setup|rror" || true
+	$(PY) -m pip install --no-build-isolation --no-deps --editable . -v 2>&1 | tee $(VENV)/build.log | grep -E "memengine setup|rror" || true
 	@grep -q "Successfully installed memengine" $(VENV)/build.log || (tail -40 $(VENV)/build.log; exit 1)
 	$(PY) -m memengine info
 

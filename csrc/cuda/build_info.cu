@@ -6,8 +6,8 @@
 
 namespace memengine::cuda {
 
-#define MEMENGINE_STRINGIFY_(x) #x
-#define MEMENGINE_STRINGIFY(x) MEMENGINE_STRINGIFY_(x)
+#define MEMENGINE_STRINGIFY_(...) #__VA_ARGS__
+#define MEMENGINE_STRINGIFY(...) MEMENGINE_STRINGIFY_(__VA_ARGS__)
 
 // nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900) in every compilation pass, host included.
 std::string compiled_architectures() {
