@@ -11,7 +11,7 @@ alpha is split in two arguments because a schema cannot take "float or Tensor":
 
 import torch
 
-from memengine._validation import check_accumulate_pair, check_alpha_tensor, check_dsts_disjoint, check_same_length
+from memengine._validation import check_accumulate_args, check_multi_accumulate_args
 
 _lib = torch.library.Library("memengine", "DEF")  # noqa: TOR901 - the namespace is ours
 
@@ -26,18 +26,12 @@ _lib.define(
 
 def accumulate_reference_(dst, src, alpha=1.0, alpha_tensor=None, overwrite=False):
     """dst <- (0 if overwrite else dst) + alpha * float(src), in eager PyTorch."""
-    check_accumulate_pair("accumulate_", dst, src, "dst", "src")
-    check_alpha_tensor("accumulate_", alpha_tensor, dst.device)
+    check_accumulate_args(dst, src, alpha_tensor)
     _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite)
 
 
 def multi_accumulate_reference_(dsts, srcs, alpha=1.0, alpha_tensor=None, overwrite=False):
-    check_same_length("multi_accumulate_", dsts, srcs)
-    for i, (dst, src) in enumerate(zip(dsts, srcs)):
-        check_accumulate_pair("multi_accumulate_", dst, src, f"dsts[{i}]", f"srcs[{i}]")
-    check_dsts_disjoint("multi_accumulate_", dsts)
-    if dsts:
-        check_alpha_tensor("multi_accumulate_", alpha_tensor, dsts[0].device)
+    check_multi_accumulate_args(dsts, srcs, alpha_tensor)
     for dst, src in zip(dsts, srcs):
         _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite)
 
@@ -63,16 +57,11 @@ _lib.impl("multi_accumulate_", multi_accumulate_reference_, "CompositeExplicitAu
 
 
 def accumulate_fake(dst, src, alpha=1.0, alpha_tensor=None, overwrite=False):
-    check_accumulate_pair("accumulate_", dst, src, "dst", "src", check_memory=False)
-    check_alpha_tensor("accumulate_", alpha_tensor, dst.device)
+    check_accumulate_args(dst, src, alpha_tensor, check_memory=False)
 
 
 def multi_accumulate_fake(dsts, srcs, alpha=1.0, alpha_tensor=None, overwrite=False):
-    check_same_length("multi_accumulate_", dsts, srcs)
-    for i, (dst, src) in enumerate(zip(dsts, srcs)):
-        check_accumulate_pair("multi_accumulate_", dst, src, f"dsts[{i}]", f"srcs[{i}]", check_memory=False)
-    if dsts:
-        check_alpha_tensor("multi_accumulate_", alpha_tensor, dsts[0].device)
+    check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=False)
 
 
 torch.library.register_fake("memengine::accumulate_", accumulate_fake)

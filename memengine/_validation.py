@@ -1,6 +1,8 @@
 """Argument checks of the Python kernels (reference, Triton, fake), worded like the C++ ones
 in csrc/include/memengine/checks.h so that every backend rejects bad input the same way."""
 
+import bisect
+
 import torch
 
 SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,9 +61,39 @@ def check_same_length(op, dsts, srcs):
         _fail(op, f"dsts has {len(dsts)} tensors but srcs has {len(srcs)}; pass one source per destination")
 
 
-def check_dsts_disjoint(op, dsts):
+def check_multi_disjoint(op, dsts, srcs):
+    """No destination may overlap another destination or another pair's source (the CUDA and
+    Triton kernels may process pairs concurrently)."""
     spans = sorted((_span(t) + (i,)) for i, t in enumerate(dsts) if t.numel() > 0)
     for (_, previous_end, previous), (begin, _, index) in zip(spans, spans[1:]):
         if begin < previous_end:
             _fail(op, f"dsts[{previous}] and dsts[{index}] overlap in memory; every destination must be a "
                       "separate region")
+    ends = [end for _, end, _ in spans]  # disjoint spans sorted by begin are sorted by end too
+    for j, src in enumerate(srcs):
+        if src.numel() == 0:
+            continue
+        src_begin, src_end = _span(src)
+        for begin, _, index in spans[bisect.bisect_right(ends, src_begin):]:
+            if begin >= src_end:
+                break
+            if index != j:
+                _fail(op, f"srcs[{j}] overlaps dsts[{index}] in memory; pass a copy of srcs[{j}]")
+
+
+def check_accumulate_args(dst, src, alpha_tensor, check_memory=True):
+    """All checks of one accumulate_ call."""
+    check_accumulate_pair("accumulate_", dst, src, "dst", "src", check_memory)
+    check_alpha_tensor("accumulate_", alpha_tensor, dst.device)
+
+
+def check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=True):
+    """All checks of one multi_accumulate_ call."""
+    op = "multi_accumulate_"
+    check_same_length(op, dsts, srcs)
+    for i, (dst, src) in enumerate(zip(dsts, srcs)):
+        check_accumulate_pair(op, dst, src, f"dsts[{i}]", f"srcs[{i}]", check_memory)
+    if check_memory:
+        check_multi_disjoint(op, dsts, srcs)
+    if dsts:
+        check_alpha_tensor(op, alpha_tensor, dsts[0].device)

@@ -219,6 +219,12 @@ def test_multi_bad_input_is_rejected_by_name(use_backend, backend):
     buffer = torch.zeros(10)
     with pytest.raises(ValueError, match=r"dsts\[0\] and dsts\[1\] overlap in memory"):
         me.ops.multi_accumulate_([buffer[:6], buffer[4:]], [torch.zeros(6), torch.zeros(6)])
+    with pytest.raises(ValueError, match=r"srcs\[0\] overlaps dsts\[1\] in memory"):
+        me.ops.multi_accumulate_([torch.zeros(4), buffer[:5]], [buffer[3:7], torch.zeros(5)])
+    # A pair may still use the same tensor as dst and src.
+    same = torch.ones(3)
+    me.ops.multi_accumulate_([same, torch.zeros(2)], [same, torch.ones(2)])
+    assert same.tolist() == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize(

@@ -180,7 +180,7 @@ void multi_accumulate_(at::TensorList dsts, at::TensorList srcs, double alpha,
     check_accumulate_pair(kMultiOp, dsts[i], srcs[i], "dsts" + index, "srcs" + index);
     check_cpu(kMultiOp, dsts[i], ("dsts" + index).c_str());
   }
-  check_dsts_disjoint(kMultiOp, dsts);
+  check_multi_disjoint(kMultiOp, dsts, srcs);
   const float a = resolve_alpha(kMultiOp, alpha, alpha_tensor, dsts[0].device());
   for (size_t i = 0; i < dsts.size(); ++i) {
     accumulate_checked(dsts[i], srcs[i], a, overwrite);

@@ -187,7 +187,7 @@ void multi_accumulate_(at::TensorList dsts, at::TensorList srcs, double alpha,
     TORCH_CHECK_VALUE(dsts[i].device() == dsts[0].device(), kMultiOp, ": dsts", index, " is on ", dsts[i].device(),
                       " but dsts[0] is on ", dsts[0].device(), "; one call handles one device");
   }
-  check_dsts_disjoint(kMultiOp, dsts);
+  check_multi_disjoint(kMultiOp, dsts, srcs);
   const c10::cuda::CUDAGuard guard(dsts[0].device());
   const Alpha a = resolve_alpha(kMultiOp, alpha, alpha_tensor, dsts[0].device());
   // One batch per source dtype; pairs that are not flat arrays take the single-tensor path.

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from memengine import _ops
-from memengine._validation import check_accumulate_pair, check_alpha_tensor, check_dsts_disjoint, check_same_length
+from memengine._validation import check_accumulate_args, check_multi_accumulate_args
 
 BLOCK_SIZE = 4096
 
@@ -48,20 +48,14 @@ def _launch(dst, src, alpha, alpha_tensor, overwrite):
 @torch.library.custom_op("memengine::_triton_accumulate_", mutates_args=("dst",))
 def triton_accumulate_(dst: torch.Tensor, src: torch.Tensor, alpha: float = 1.0,
                        alpha_tensor: torch.Tensor | None = None, overwrite: bool = False) -> None:
-    check_accumulate_pair("accumulate_", dst, src, "dst", "src")
-    check_alpha_tensor("accumulate_", alpha_tensor, dst.device)
+    check_accumulate_args(dst, src, alpha_tensor)
     _launch(dst, src, alpha, alpha_tensor, overwrite)
 
 
 @torch.library.custom_op("memengine::_triton_multi_accumulate_", mutates_args=("dsts",))
 def triton_multi_accumulate_(dsts: list[torch.Tensor], srcs: list[torch.Tensor], alpha: float = 1.0,
                              alpha_tensor: torch.Tensor | None = None, overwrite: bool = False) -> None:
-    check_same_length("multi_accumulate_", dsts, srcs)
-    for i, (dst, src) in enumerate(zip(dsts, srcs)):
-        check_accumulate_pair("multi_accumulate_", dst, src, f"dsts[{i}]", f"srcs[{i}]")
-    check_dsts_disjoint("multi_accumulate_", dsts)
-    if dsts:
-        check_alpha_tensor("multi_accumulate_", alpha_tensor, dsts[0].device)
+    check_multi_accumulate_args(dsts, srcs, alpha_tensor)
     for dst, src in zip(dsts, srcs):
         _launch(dst, src, alpha, alpha_tensor, overwrite)
 

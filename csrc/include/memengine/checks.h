@@ -74,9 +74,10 @@ inline void check_alpha_tensor(const char* op, const std::optional<at::Tensor>& 
                     " but the gradients are on ", device, "; move alpha to ", device);
 }
 
-// Two entries of one multi_accumulate_ call must not write the same memory: the CUDA kernel
-// processes them concurrently. Checked in O(n log n) on the byte ranges the dsts span.
-inline void check_dsts_disjoint(const char* op, at::TensorList dsts) {
+// Within one multi_accumulate_ call no destination may overlap another destination or another
+// pair's source: the CUDA kernel processes all pairs concurrently. Checked in O(n log n) on
+// the byte ranges the tensors span.
+inline void check_multi_disjoint(const char* op, at::TensorList dsts, at::TensorList srcs) {
   struct Span {
     uintptr_t begin, end;
     size_t index;
@@ -95,6 +96,19 @@ inline void check_dsts_disjoint(const char* op, at::TensorList dsts) {
   for (size_t k = 1; k < spans.size(); ++k) {
     TORCH_CHECK_VALUE(spans[k].begin >= spans[k - 1].end, op, ": dsts[", spans[k - 1].index, "] and dsts[",
                       spans[k].index, "] overlap in memory; every destination must be a separate region");
+  }
+  for (size_t j = 0; j < srcs.size(); ++j) {
+    if (!srcs[j].defined() || srcs[j].numel() == 0) {
+      continue;
+    }
+    const ByteSpan s = byte_span(srcs[j]);
+    // The dst spans are disjoint, so sorted by begin they are sorted by end too.
+    auto it = std::upper_bound(spans.begin(), spans.end(), s.begin,
+                               [](uintptr_t value, const Span& span) { return value < span.end; });
+    for (; it != spans.end() && it->begin < s.end; ++it) {
+      TORCH_CHECK_VALUE(it->index == j, op, ": srcs[", j, "] overlaps dsts[", it->index,
+                        "] in memory; pass a copy of srcs[", j, "]");
+    }
   }
 }
 
