@@ -1,6 +1,7 @@
 """Finds the CUDA toolkit and the pip-installed CUDA libraries, for setup.py and CMakeLists.txt.
 
-Run as a script it prints `CUDA_HOME;NVRTC_LIBRARY` (empty fields when not found) for CMake.
+Run as a script it prints a CMake list `CUDA_HOME;NVRTC_LIBRARY;INCLUDE_DIR...` (empty fields
+when not found; the include directories are those of the nvidia-* wheels).
 """
 
 import glob
@@ -70,4 +71,5 @@ if __name__ == "__main__":
     import torch
 
     cuda_home = find_cuda_home(log=lambda message: print(message, file=sys.stderr))
-    print(f"{cuda_home or ''};{nvrtc_library(os.path.dirname(torch.__file__), cuda_home)}")
+    torch_dir = os.path.dirname(torch.__file__)
+    print(";".join([cuda_home or "", nvrtc_library(torch_dir, cuda_home)] + pip_cuda_dirs(torch_dir, "include")))
