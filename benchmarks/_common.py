@@ -9,15 +9,30 @@ import time
 
 import torch
 
-CSV_FIELDS = ["kernel", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "throughput", "unit",
-              "peak_bytes", "torch", "git_sha", "device", "threads"]
+CSV_FIELDS = [
+    "kernel",
+    "provider",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "throughput",
+    "unit",
+    "peak_bytes",
+    "torch",
+    "git_sha",
+    "device",
+    "threads",
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_sha():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -96,16 +111,20 @@ class Results:
 
     @staticmethod
     def header():
-        return (f"{'kernel':<12} {'provider':<16} {'shape':>12} {'dtype':<9} {'p50 ms':>10} {'p20 ms':>10} "
-                f"{'p80 ms':>10} {'throughput':>12}")
+        return (
+            f"{'kernel':<12} {'provider':<16} {'shape':>12} {'dtype':<9} {'p50 ms':>10} {'p20 ms':>10} "
+            f"{'p80 ms':>10} {'throughput':>12}"
+        )
 
     @staticmethod
     def format_row(row):
         if row.get("p50_ms") is None:
             return f"{row['kernel']:<12} {row['provider']:<16} {row['shape']:>12} {row['dtype']:<9} {row['note']}"
-        return (f"{row['kernel']:<12} {row['provider']:<16} {row['shape']:>12} {row['dtype']:<9} "
-                f"{row['p50_ms']:>10.4f} {row['p20_ms']:>10.4f} {row['p80_ms']:>10.4f} "
-                f"{row['throughput']:>8.1f} {row['unit']}")
+        return (
+            f"{row['kernel']:<12} {row['provider']:<16} {row['shape']:>12} {row['dtype']:<9} "
+            f"{row['p50_ms']:>10.4f} {row['p20_ms']:>10.4f} {row['p80_ms']:>10.4f} "
+            f"{row['throughput']:>8.1f} {row['unit']}"
+        )
 
     def write_csv(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.csv_path)), exist_ok=True)

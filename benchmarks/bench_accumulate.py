@@ -13,6 +13,7 @@ GB/s counts the bytes the op must move: read and write dst (8) plus read src (2 
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -60,8 +61,10 @@ def main():
     device = torch.device(args.device)
     torch._dynamo.config.cache_size_limit = 64  # one compiled kernel per (size, dtype)
     results = _common.Results(args.csv)
-    print(f"accumulate_ on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"memengine backend setting {_backend.requested_backend()}")
+    print(
+        f"accumulate_ on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"memengine backend setting {_backend.requested_backend()}"
+    )
     print(_common.Results.header())
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -76,12 +79,19 @@ def main():
                 if fn is None:
                     results.add(**base, note=f"skipped: {reason}")
                     continue
-                call = lambda: fn(dst, src, ALPHA)  # noqa: E731
+                call = functools.partial(fn, dst, src, ALPHA)
                 with _common.environment(_backend.ENV_VAR, backend):
                     p20, p50, p80 = _common.measure(call, device, min_time_s=args.min_time)
                     peak = _common.peak_extra_bytes(call, device)
-                results.add(**base, p50_ms=p50 * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3,
-                            throughput=bytes_moved / p50 / 1e9, unit="GB/s", peak_bytes=peak)
+                results.add(
+                    **base,
+                    p50_ms=p50 * 1e3,
+                    p20_ms=p20 * 1e3,
+                    p80_ms=p80 * 1e3,
+                    throughput=bytes_moved / p50 / 1e9,
+                    unit="GB/s",
+                    peak_bytes=peak,
+                )
             del dst, src
     results.write_csv()
 

@@ -3,8 +3,10 @@
 Kernels: memengine.ops (fused in-place gradient accumulation into fp32 buffers).
 """
 
-from memengine import _ops  # noqa: F401  (defines the op schemas before the kernels register)
-from memengine import _extension
+from memengine import (
+    _extension,
+    _ops,  # noqa: F401  (defines the op schemas before the kernels register)
+)
 
 _extension._load()
 

@@ -32,7 +32,7 @@ def accumulate_reference_(dst, src, alpha=1.0, alpha_tensor=None, overwrite=Fals
 
 def multi_accumulate_reference_(dsts, srcs, alpha=1.0, alpha_tensor=None, overwrite=False):
     check_multi_accumulate_args(dsts, srcs, alpha_tensor)
-    for dst, src in zip(dsts, srcs):
+    for dst, src in zip(dsts, srcs, strict=True):
         _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite)
 
 

@@ -14,7 +14,7 @@ def _fail(op, message):
 
 def _span(t):
     """Byte range [begin, end) that a tensor's elements occupy."""
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
     begin = t.data_ptr()
     return begin, begin + (last + 1) * t.element_size()
 
@@ -23,24 +23,38 @@ def check_accumulate_pair(op, dst, src, dst_name, src_name, check_memory=True):
     if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
         _fail(op, f"{dst_name} and {src_name} must be tensors")
     if dst.dtype != torch.float32:
-        _fail(op, f"{dst_name} must be float32 (the fp32 gradient buffer), got {dst.dtype}; "
-                  "allocate it with dtype=torch.float32")
+        _fail(
+            op,
+            f"{dst_name} must be float32 (the fp32 gradient buffer), got {dst.dtype}; "
+            "allocate it with dtype=torch.float32",
+        )
     if src.dtype not in SOURCE_DTYPES:
-        _fail(op, f"{src_name} must be float32, bfloat16 or float16, got {src.dtype}; "
-                  "integer and complex tensors are not gradients memengine can accumulate")
+        _fail(
+            op,
+            f"{src_name} must be float32, bfloat16 or float16, got {src.dtype}; "
+            "integer and complex tensors are not gradients memengine can accumulate",
+        )
     if src.device != dst.device:
-        _fail(op, f"{src_name} is on {src.device} but {dst_name} is on {dst.device}; "
-                  f"move {src_name} to {dst_name}'s device")
+        _fail(
+            op,
+            f"{src_name} is on {src.device} but {dst_name} is on {dst.device}; move {src_name} to {dst_name}'s device",
+        )
     if src.shape != dst.shape:
-        _fail(op, f"{src_name} has shape {list(src.shape)} but {dst_name} has shape {list(dst.shape)}; "
-                  "shapes must match exactly (no broadcasting)")
+        _fail(
+            op,
+            f"{src_name} has shape {list(src.shape)} but {dst_name} has shape {list(dst.shape)}; "
+            "shapes must match exactly (no broadcasting)",
+        )
     if not check_memory or dst.numel() == 0:
         return
     if torch._debug_has_internal_overlap(dst) == 1:
-        _fail(op, f"{dst_name} has elements that share memory (for example a view made by expand()); "
-                  f"pass a tensor that owns each element, e.g. {dst_name}.contiguous()")
+        _fail(
+            op,
+            f"{dst_name} has elements that share memory (for example a view made by expand()); "
+            f"pass a tensor that owns each element, e.g. {dst_name}.contiguous()",
+        )
     if dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
-        same_view = (dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride() and dst.dtype == src.dtype)
+        same_view = dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride() and dst.dtype == src.dtype
         (dst_begin, dst_end), (src_begin, src_end) = _span(dst), _span(src)
         if not same_view and dst_begin < src_end and src_begin < dst_end:
             _fail(op, f"{dst_name} and {src_name} overlap in memory; pass a copy of {src_name} ({src_name}.clone())")
@@ -50,8 +64,11 @@ def check_alpha_tensor(op, alpha_tensor, device):
     if alpha_tensor is None:
         return
     if alpha_tensor.dim() != 0 or alpha_tensor.dtype != torch.float32:
-        _fail(op, f"alpha must be a Python float or a 0-dim float32 tensor, got a {alpha_tensor.dtype} tensor of "
-                  f"shape {list(alpha_tensor.shape)}; use alpha.reshape(()).float()")
+        _fail(
+            op,
+            f"alpha must be a Python float or a 0-dim float32 tensor, got a {alpha_tensor.dtype} tensor of "
+            f"shape {list(alpha_tensor.shape)}; use alpha.reshape(()).float()",
+        )
     if alpha_tensor.device != device and alpha_tensor.device.type != "cpu":
         _fail(op, f"alpha is on {alpha_tensor.device} but the gradients are on {device}; move alpha to {device}")
 
@@ -65,16 +82,17 @@ def check_multi_disjoint(op, dsts, srcs):
     """No destination may overlap another destination or another pair's source (the CUDA and
     Triton kernels may process pairs concurrently)."""
     spans = sorted((_span(t) + (i,)) for i, t in enumerate(dsts) if t.numel() > 0)
-    for (_, previous_end, previous), (begin, _, index) in zip(spans, spans[1:]):
+    for (_, previous_end, previous), (begin, _, index) in zip(spans, spans[1:], strict=False):
         if begin < previous_end:
-            _fail(op, f"dsts[{previous}] and dsts[{index}] overlap in memory; every destination must be a "
-                      "separate region")
+            _fail(
+                op, f"dsts[{previous}] and dsts[{index}] overlap in memory; every destination must be a separate region"
+            )
     ends = [end for _, end, _ in spans]  # disjoint spans sorted by begin are sorted by end too
     for j, src in enumerate(srcs):
         if src.numel() == 0:
             continue
         src_begin, src_end = _span(src)
-        for begin, _, index in spans[bisect.bisect_right(ends, src_begin):]:
+        for begin, _, index in spans[bisect.bisect_right(ends, src_begin) :]:
             if begin >= src_end:
                 break
             if index != j:
@@ -91,7 +109,7 @@ def check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=True):
     """All checks of one multi_accumulate_ call."""
     op = "multi_accumulate_"
     check_same_length(op, dsts, srcs)
-    for i, (dst, src) in enumerate(zip(dsts, srcs)):
+    for i, (dst, src) in enumerate(zip(dsts, srcs, strict=True)):
         check_accumulate_pair(op, dst, src, f"dsts[{i}]", f"srcs[{i}]", check_memory)
     if check_memory:
         check_multi_disjoint(op, dsts, srcs)

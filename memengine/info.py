@@ -34,9 +34,12 @@ def triton_status():
         version = triton.__version__
     except ImportError:
         version = None
-    return {"version": version, "interpreter": triton_backend.interpreting(),
-            "cpu": triton_backend.unavailable_reason("accumulate_", "cpu") or "available",
-            "cuda": triton_backend.unavailable_reason("accumulate_", "cuda") or "available"}
+    return {
+        "version": version,
+        "interpreter": triton_backend.interpreting(),
+        "cpu": triton_backend.unavailable_reason("accumulate_", "cpu") or "available",
+        "cuda": triton_backend.unavailable_reason("accumulate_", "cuda") or "available",
+    }
 
 
 def collect():
@@ -45,11 +48,17 @@ def collect():
         "memengine": memengine.__version__,
         "python": platform.python_version(),
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda},
-        "cuda": {"available": torch.cuda.is_available(),
-                 "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+        "cuda": {
+            "available": torch.cuda.is_available(),
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        },
         "triton": triton_status(),
-        "extension": {"loaded": _extension.C is not None, "error": _extension.load_error, "build": build,
-                      "cpu_isa": _extension.C.cpu_isa() if _extension.C is not None else None},
+        "extension": {
+            "loaded": _extension.C is not None,
+            "error": _extension.load_error,
+            "build": build,
+            "cpu_isa": _extension.C.cpu_isa() if _extension.C is not None else None,
+        },
         "backend_setting": _backend.requested_backend(),
         "backends": _backend.report(ops.OPS),
         "cpu": {"machine": platform.machine(), "threads": torch.get_num_threads(), "features": cpu_features()},
@@ -62,7 +71,8 @@ def render(info):
     lines = [
         f"memengine {info['memengine']}  (python {info['python']})",
         f"torch     {info['torch']['version']}  (CUDA build: {info['torch']['cuda'] or 'no'})",
-        f"triton    {info['triton']['version'] or 'not installed'}  (TRITON_INTERPRET={int(info['triton']['interpreter'])})",
+        f"triton    {info['triton']['version'] or 'not installed'}  "
+        f"(TRITON_INTERPRET={int(info['triton']['interpreter'])})",
         f"GPU       {', '.join(info['cuda']['devices']) or 'none'}",
         "",
         "compiled extension memengine._C: " + ("loaded" if ext["loaded"] else f"NOT loaded: {ext['error']}"),

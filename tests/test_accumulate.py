@@ -5,7 +5,6 @@ import torch
 from conftest import backends_for, cpu_isas, requires_cuda
 
 import memengine as me
-from memengine import _ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Odd sizes straddle the SIMD widths (8, 16), the 4x-unrolled loop (64) and the thread grain (32768).
@@ -96,8 +95,10 @@ def strided_pairs(dtype):
     yield "every-other-column", base[:, ::2], make((64, 65), dtype, 7)
     yield "src-transposed", make((40, 50), torch.float32, 8), make((50, 40), dtype, 9).t()
     yield "src-broadcast", make((30, 70), torch.float32, 10), make((70,), dtype, 11).expand(30, 70)
-    yield "channels-last", make((2, 8, 5, 7), torch.float32, 12).to(memory_format=torch.channels_last), make(
-        (2, 8, 5, 7), dtype, 13
+    yield (
+        "channels-last",
+        make((2, 8, 5, 7), torch.float32, 12).to(memory_format=torch.channels_last),
+        make((2, 8, 5, 7), dtype, 13),
     )
     yield "offset-view", make((1001,), torch.float32, 14)[1:], make((1001,), dtype, 15)[:-1]
 
@@ -116,8 +117,9 @@ def test_strided_tensors(use_backend, backend, dtype, overwrite):
         assert dst.untyped_storage().data_ptr() == storage_before, name
         if whole is not None:  # elements outside the view are untouched
             untouched = torch.ones_like(whole, dtype=torch.bool)
-            untouched.view(-1)[torch.arange(whole.numel()).view_as(whole).as_strided(dst.shape, dst.stride(),
-                                                                                      dst.storage_offset())] = False
+            untouched.view(-1)[
+                torch.arange(whole.numel()).view_as(whole).as_strided(dst.shape, dst.stride(), dst.storage_offset())
+            ] = False
             assert torch.equal(dst._base[untouched], whole[untouched]), name
 
 
@@ -145,9 +147,9 @@ def test_multi_matches_per_pair(use_backend, backend, alpha_kind, overwrite):
     srcs = [make(shape, DTYPES[i % 3], 100 + i) for i, shape in enumerate(shapes)]
     srcs[1] = make((2000,), torch.bfloat16, 7)[::2]  # one strided source
     alpha = 0.75 if alpha_kind == "float" else torch.tensor(0.75)
-    expected = [exact(d, s, 0.75, overwrite) for d, s in zip(dsts, srcs)]
+    expected = [exact(d, s, 0.75, overwrite) for d, s in zip(dsts, srcs, strict=True)]
     me.ops.multi_accumulate_(dsts, srcs, alpha=alpha, overwrite=overwrite)
-    for i, (got, want) in enumerate(zip(dsts, expected)):
+    for i, (got, want) in enumerate(zip(dsts, expected, strict=True)):
         assert ((got - want).abs() <= ulp(want)).all(), f"pair {i}"
 
 
@@ -242,8 +244,13 @@ def test_opcheck(op_name):
             if single:
                 args = (make((37, 3), torch.float32), make((37, 3), dtype, 1), alpha, alpha_tensor, overwrite)
             else:
-                args = ([make((5,), torch.float32), make((6, 2), torch.float32)],
-                        [make((5,), dtype, 1), make((6, 2), dtype, 2)], alpha, alpha_tensor, overwrite)
+                args = (
+                    [make((5,), torch.float32), make((6, 2), torch.float32)],
+                    [make((5,), dtype, 1), make((6, 2), dtype, 2)],
+                    alpha,
+                    alpha_tensor,
+                    overwrite,
+                )
             torch.library.opcheck(op, args)
 
 
@@ -315,9 +322,9 @@ def test_cuda_multi_and_device_mismatch(use_backend, backend):
     shapes = [(3,), (70000,), (17, 33), (0,), (2**17 + 1,)] * 20
     dsts = [make(s, torch.float32, i, "cuda") for i, s in enumerate(shapes)]
     srcs = [make(s, DTYPES[i % 3], 500 + i, "cuda") for i, s in enumerate(shapes)]
-    expected = [exact(d, s, 0.5, False) for d, s in zip(dsts, srcs)]
+    expected = [exact(d, s, 0.5, False) for d, s in zip(dsts, srcs, strict=True)]
     me.ops.multi_accumulate_(dsts, srcs, alpha=torch.tensor(0.5, device="cuda"))
-    for got, want in zip(dsts, expected):
+    for got, want in zip(dsts, expected, strict=True):
         assert ((got - want).abs() <= ulp(want)).all()
     with pytest.raises(ValueError, match="src is on cpu but dst is on cuda"):
         me.ops.accumulate_(torch.zeros(4, device="cuda"), torch.zeros(4))

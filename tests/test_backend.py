@@ -84,8 +84,9 @@ def test_unknown_backend_value(monkeypatch):
 
 
 def run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=300
+    )
 
 
 def test_import_without_extension_warns_once_and_works():
@@ -114,8 +115,9 @@ print("ok")
 
 
 def test_info_command_json():
-    result = subprocess.run([sys.executable, "-m", "memengine", "info", "--json"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "memengine", "info", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     for key in ("memengine", "torch", "triton", "cuda", "extension", "backends", "cpu"):
@@ -127,7 +129,8 @@ def test_info_command_json():
 
 
 def test_info_command_text():
-    result = subprocess.run([sys.executable, "-m", "memengine", "info"], capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "memengine", "info"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "accumulate_" in result.stdout and "torch" in result.stdout

@@ -149,7 +149,8 @@ void accumulate_checked(const at::Tensor& dst, const at::Tensor& src, float alph
   }
 }
 
-float resolve_alpha(const char* op, double alpha, const std::optional<at::Tensor>& alpha_tensor, const at::Device& device) {
+float resolve_alpha(const char* op, double alpha, const std::optional<at::Tensor>& alpha_tensor,
+                    const at::Device& device) {
   check_alpha_tensor(op, alpha_tensor, device);
   // A CPU tensor is read on the host at no synchronisation cost.
   return alpha_tensor.has_value() && alpha_tensor->defined() ? alpha_tensor->item<float>() : static_cast<float>(alpha);
@@ -161,8 +162,8 @@ void check_cpu(const char* op, const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-void accumulate_(const at::Tensor& dst, const at::Tensor& src, double alpha, const std::optional<at::Tensor>& alpha_tensor,
-                 bool overwrite) {
+void accumulate_(const at::Tensor& dst, const at::Tensor& src, double alpha,
+                 const std::optional<at::Tensor>& alpha_tensor, bool overwrite) {
   check_accumulate_pair(kOp, dst, src, "dst", "src");
   check_cpu(kOp, dst, "dst");
   accumulate_checked(dst, src, resolve_alpha(kOp, alpha, alpha_tensor, dst.device()), overwrite);

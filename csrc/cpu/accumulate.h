@@ -8,8 +8,8 @@
 
 namespace memengine::cpu {
 
-void accumulate_(const at::Tensor& dst, const at::Tensor& src, double alpha, const std::optional<at::Tensor>& alpha_tensor,
-                 bool overwrite);
+void accumulate_(const at::Tensor& dst, const at::Tensor& src, double alpha,
+                 const std::optional<at::Tensor>& alpha_tensor, bool overwrite);
 
 void multi_accumulate_(at::TensorList dsts, at::TensorList srcs, double alpha,
                        const std::optional<at::Tensor>& alpha_tensor, bool overwrite);

@@ -75,8 +75,8 @@ void set_active_isa(const char* name) {
   bool ok = false;
   const Isa isa = parse_isa(name, &ok);
   TORCH_CHECK_VALUE(ok, "unknown CPU ISA '", name, "'; use one of scalar, avx2, avx512");
-  TORCH_CHECK_VALUE(isa <= best_supported_isa(), "CPU ISA '", name, "' is not supported on this machine (best: ",
-                    isa_name(best_supported_isa()), ")");
+  TORCH_CHECK_VALUE(isa <= best_supported_isa(), "CPU ISA '", name,
+                    "' is not supported on this machine (best: ", isa_name(best_supported_isa()), ")");
   active().store(isa, std::memory_order_relaxed);
 }
 

@@ -53,7 +53,9 @@ struct Avx512Floats {
   MEMENGINE_TARGET_AVX512 void store(float* p) const { _mm512_storeu_ps(p, v); }
 };
 
-MEMENGINE_TARGET_AVX512 inline Avx512Floats multiply(Avx512Floats a, Avx512Floats b) { return {_mm512_mul_ps(a.v, b.v)}; }
+MEMENGINE_TARGET_AVX512 inline Avx512Floats multiply(Avx512Floats a, Avx512Floats b) {
+  return {_mm512_mul_ps(a.v, b.v)};
+}
 MEMENGINE_TARGET_AVX512 inline Avx512Floats multiply_add(Avx512Floats a, Avx512Floats b, Avx512Floats c) {
   return {_mm512_fmadd_ps(a.v, b.v, c.v)};
 }

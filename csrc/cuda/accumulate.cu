@@ -24,8 +24,8 @@ namespace {
 constexpr const char* kOp = "accumulate_";
 constexpr const char* kMultiOp = "multi_accumulate_";
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 1 << 16;         // elements per block in the multi-tensor kernel
-constexpr int kMaxTensorsPerLaunch = 48;    // keeps the kernel arguments well under 4 KiB
+constexpr int64_t kChunk = 1 << 16;       // elements per block in the multi-tensor kernel
+constexpr int kMaxTensorsPerLaunch = 48;  // keeps the kernel arguments well under 4 KiB
 
 template <class T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -84,7 +84,10 @@ __global__ void __launch_bounds__(kThreads)
   int lo = 0, hi = batch.count;  // find t with first_chunk[t] <= chunk < first_chunk[t + 1]
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (batch.first_chunk[mid] <= chunk) lo = mid; else hi = mid;
+    if (batch.first_chunk[mid] <= chunk)
+      lo = mid;
+    else
+      hi = mid;
   }
   const int64_t begin = static_cast<int64_t>(chunk - batch.first_chunk[lo]) * kChunk;
   const int64_t n = min(kChunk, batch.numel[lo] - begin);
@@ -96,12 +99,21 @@ __global__ void __launch_bounds__(kThreads)
 template <class Fn>
 void dispatch(at::ScalarType src_dtype, bool overwrite, Fn&& fn) {
   auto with_src = [&](auto src_tag) {
-    if (overwrite) fn(src_tag, std::true_type{}); else fn(src_tag, std::false_type{});
+    if (overwrite)
+      fn(src_tag, std::true_type{});
+    else
+      fn(src_tag, std::false_type{});
   };
   switch (src_dtype) {
-    case at::kBFloat16: with_src(c10::BFloat16{}); break;
-    case at::kHalf: with_src(c10::Half{}); break;
-    default: with_src(float{}); break;
+    case at::kBFloat16:
+      with_src(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      with_src(c10::Half{});
+      break;
+    default:
+      with_src(float{});
+      break;
   }
 }
 
@@ -110,7 +122,8 @@ struct Alpha {
   float value = 1.0f;
 };
 
-Alpha resolve_alpha(const char* op, double alpha, const std::optional<at::Tensor>& alpha_tensor, const at::Device& device) {
+Alpha resolve_alpha(const char* op, double alpha, const std::optional<at::Tensor>& alpha_tensor,
+                    const at::Device& device) {
   check_alpha_tensor(op, alpha_tensor, device);
   if (!alpha_tensor.has_value() || !alpha_tensor->defined()) return {nullptr, static_cast<float>(alpha)};
   if (alpha_tensor->device().is_cpu()) return {nullptr, alpha_tensor->item<float>()};  // host memory: no sync
@@ -167,8 +180,8 @@ void check_cuda(const char* op, const at::Tensor& t, const std::string& name) {
 
 }  // namespace
 
-void accumulate_(const at::Tensor& dst, const at::Tensor& src, double alpha, const std::optional<at::Tensor>& alpha_tensor,
-                 bool overwrite) {
+void accumulate_(const at::Tensor& dst, const at::Tensor& src, double alpha,
+                 const std::optional<at::Tensor>& alpha_tensor, bool overwrite) {
   check_accumulate_pair(kOp, dst, src, "dst", "src");
   check_cuda(kOp, dst, "dst");
   const c10::cuda::CUDAGuard guard(dst.device());

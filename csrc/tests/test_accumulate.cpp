@@ -92,15 +92,18 @@ int main() {
   check(throws_value_error([&] { memengine::cpu::accumulate_(f32.to(at::kHalf), f32, 1.0, std::nullopt, false); },
                            "dst must be float32"),
         "rejects a float16 dst");
-  check(throws_value_error([&] { memengine::cpu::accumulate_(f32, at::zeros({4}, at::kInt), 1.0, std::nullopt, false); },
-                           "src must be float32, bfloat16 or float16"),
-        "rejects an integer src");
+  check(
+      throws_value_error([&] { memengine::cpu::accumulate_(f32, at::zeros({4}, at::kInt), 1.0, std::nullopt, false); },
+                         "src must be float32, bfloat16 or float16"),
+      "rejects an integer src");
   check(throws_value_error([&] { memengine::cpu::accumulate_(f32, at::zeros({5}), 1.0, std::nullopt, false); },
                            "src has shape [5] but dst has shape [4]"),
         "rejects a shape mismatch");
   const at::Tensor buffer = at::zeros({20});
   check(throws_value_error(
-            [&] { memengine::cpu::accumulate_(buffer.slice(0, 0, 10), buffer.slice(0, 5, 15), 1.0, std::nullopt, false); },
+            [&] {
+              memengine::cpu::accumulate_(buffer.slice(0, 0, 10), buffer.slice(0, 5, 15), 1.0, std::nullopt, false);
+            },
             "overlap in memory"),
         "rejects overlapping dst and src");
   check(throws_value_error(

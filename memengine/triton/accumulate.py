@@ -15,8 +15,16 @@ BLOCK_SIZE = 4096
 
 
 @triton.jit
-def _accumulate_kernel(dst_ptr, src_ptr, alpha_ptr, alpha_value, n, ALPHA_FROM_TENSOR: tl.constexpr,
-                       OVERWRITE: tl.constexpr, BLOCK: tl.constexpr):
+def _accumulate_kernel(
+    dst_ptr,
+    src_ptr,
+    alpha_ptr,
+    alpha_value,
+    n,
+    ALPHA_FROM_TENSOR: tl.constexpr,
+    OVERWRITE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit: n may exceed 2**31
     mask = offsets < n
     if ALPHA_FROM_TENSOR:
@@ -38,25 +46,41 @@ def _launch(dst, src, alpha, alpha_tensor, overwrite):
     alpha_tensor = alpha_tensor.to(dst.device) if alpha_tensor is not None else None
     n = dense_dst.numel()
     _accumulate_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-        dense_dst, src.contiguous(), alpha_tensor if alpha_tensor is not None else dense_dst, float(alpha), n,
-        ALPHA_FROM_TENSOR=alpha_tensor is not None, OVERWRITE=bool(overwrite), BLOCK=BLOCK_SIZE,
+        dense_dst,
+        src.contiguous(),
+        alpha_tensor if alpha_tensor is not None else dense_dst,
+        float(alpha),
+        n,
+        ALPHA_FROM_TENSOR=alpha_tensor is not None,
+        OVERWRITE=bool(overwrite),
+        BLOCK=BLOCK_SIZE,
     )
     if dense_dst is not dst:
         dst.copy_(dense_dst)
 
 
 @torch.library.custom_op("memengine::_triton_accumulate_", mutates_args=("dst",))
-def triton_accumulate_(dst: torch.Tensor, src: torch.Tensor, alpha: float = 1.0,
-                       alpha_tensor: torch.Tensor | None = None, overwrite: bool = False) -> None:
+def triton_accumulate_(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    alpha: float = 1.0,
+    alpha_tensor: torch.Tensor | None = None,
+    overwrite: bool = False,
+) -> None:
     check_accumulate_args(dst, src, alpha_tensor)
     _launch(dst, src, alpha, alpha_tensor, overwrite)
 
 
 @torch.library.custom_op("memengine::_triton_multi_accumulate_", mutates_args=("dsts",))
-def triton_multi_accumulate_(dsts: list[torch.Tensor], srcs: list[torch.Tensor], alpha: float = 1.0,
-                             alpha_tensor: torch.Tensor | None = None, overwrite: bool = False) -> None:
+def triton_multi_accumulate_(
+    dsts: list[torch.Tensor],
+    srcs: list[torch.Tensor],
+    alpha: float = 1.0,
+    alpha_tensor: torch.Tensor | None = None,
+    overwrite: bool = False,
+) -> None:
     check_multi_accumulate_args(dsts, srcs, alpha_tensor)
-    for dst, src in zip(dsts, srcs):
+    for dst, src in zip(dsts, srcs, strict=True):
         _launch(dst, src, alpha, alpha_tensor, overwrite)
 
 

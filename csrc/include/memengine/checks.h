@@ -36,13 +36,14 @@ inline bool is_supported_source_dtype(at::ScalarType dtype) {
 inline void check_accumulate_pair(const char* op, const at::Tensor& dst, const at::Tensor& src,
                                   const std::string& dst_name, const std::string& src_name) {
   TORCH_CHECK_VALUE(dst.defined() && src.defined(), op, ": ", dst_name, " and ", src_name, " must be tensors");
-  TORCH_CHECK_VALUE(dst.scalar_type() == at::kFloat, op, ": ", dst_name, " must be float32 (the fp32 gradient buffer), got ",
-                    dst.scalar_type(), "; allocate it with dtype=torch.float32");
+  TORCH_CHECK_VALUE(dst.scalar_type() == at::kFloat, op, ": ", dst_name,
+                    " must be float32 (the fp32 gradient buffer), got ", dst.scalar_type(),
+                    "; allocate it with dtype=torch.float32");
   TORCH_CHECK_VALUE(is_supported_source_dtype(src.scalar_type()), op, ": ", src_name,
                     " must be float32, bfloat16 or float16, got ", src.scalar_type(),
                     "; integer and complex tensors are not gradients memengine can accumulate");
-  TORCH_CHECK_VALUE(src.device() == dst.device(), op, ": ", src_name, " is on ", src.device(), " but ", dst_name, " is on ",
-                    dst.device(), "; move ", src_name, " to ", dst_name, "'s device");
+  TORCH_CHECK_VALUE(src.device() == dst.device(), op, ": ", src_name, " is on ", src.device(), " but ", dst_name,
+                    " is on ", dst.device(), "; move ", src_name, " to ", dst_name, "'s device");
   TORCH_CHECK_VALUE(src.sizes() == dst.sizes(), op, ": ", src_name, " has shape ", src.sizes(), " but ", dst_name,
                     " has shape ", dst.sizes(), "; shapes must match exactly (no broadcasting)");
   if (dst.numel() == 0) {
@@ -50,10 +51,11 @@ inline void check_accumulate_pair(const char* op, const at::Tensor& dst, const a
   }
   TORCH_CHECK_VALUE(at::has_internal_overlap(dst) != at::MemOverlap::Yes, op, ": ", dst_name,
                     " has elements that share memory (for example a view made by expand()); pass a tensor that owns "
-                    "each element, e.g. ", dst_name, ".contiguous()");
+                    "each element, e.g. ",
+                    dst_name, ".contiguous()");
   if (dst.storage().data() == src.storage().data()) {
-    const bool same_view = dst.data_ptr() == src.data_ptr() && dst.strides() == src.strides() &&
-                           dst.scalar_type() == src.scalar_type();
+    const bool same_view =
+        dst.data_ptr() == src.data_ptr() && dst.strides() == src.strides() && dst.scalar_type() == src.scalar_type();
     const ByteSpan d = byte_span(dst), s = byte_span(src);
     TORCH_CHECK_VALUE(same_view || d.end <= s.begin || s.end <= d.begin, op, ": ", dst_name, " and ", src_name,
                       " overlap in memory; pass a copy of ", src_name, " (", src_name, ".clone())");
@@ -62,7 +64,8 @@ inline void check_accumulate_pair(const char* op, const at::Tensor& dst, const a
 
 // alpha is either the Python float `alpha` or, when given, the 0-dim float32 tensor
 // `alpha_tensor` on dst's device (or on the CPU). Returns nothing; kernels read it themselves.
-inline void check_alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha_tensor, const at::Device& device) {
+inline void check_alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha_tensor,
+                               const at::Device& device) {
   if (!alpha_tensor.has_value() || !alpha_tensor->defined()) {
     return;
   }
