@@ -11,13 +11,20 @@ alpha is split in two arguments because a schema cannot take "float or Tensor":
 
 import torch
 
-from memengine._validation import check_accumulate_args, check_multi_accumulate_args
+from memengine._validation import (
+    check_accumulate_args,
+    check_clip_args,
+    check_grad_stats_args,
+    check_multi_accumulate_args,
+)
 
 _lib = torch.library.Library("memengine", "DEF")  # noqa: TOR901 - the namespace is ours
 
 _lib.define(
     "accumulate_(Tensor(a!) dst, Tensor src, float alpha=1.0, Tensor? alpha_tensor=None, bool overwrite=False) -> ()"
 )
+_lib.define("grad_stats_(Tensor(a!) flat, float scale=1.0, Tensor? scale_tensor=None) -> Tensor")
+_lib.define("clip_(Tensor(a!) flat, Tensor stats, float max_norm) -> ()")
 _lib.define(
     "multi_accumulate_(Tensor(a!)[] dsts, Tensor[] srcs, float alpha=1.0, Tensor? alpha_tensor=None, "
     "bool overwrite=False) -> ()"
@@ -52,7 +59,27 @@ def _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite):
         dst.add_(scaled)
 
 
+def grad_stats_reference_(flat, scale=1.0, scale_tensor=None):
+    """flat *= scale; returns float32 [L2 norm of the finite values (computed in float64),
+    number of non-finite values], without leaving the device."""
+    check_grad_stats_args(flat, scale_tensor)
+    flat.mul_(scale if scale_tensor is None else scale_tensor.to(flat.device))
+    finite = torch.isfinite(flat)
+    norm = torch.linalg.vector_norm(torch.where(finite, flat, 0.0), dtype=torch.float64)
+    nonfinite = finite.numel() - finite.sum()
+    return torch.stack([norm.to(torch.float32), nonfinite.to(torch.float32)])
+
+
+def clip_reference_(flat, stats, max_norm):
+    """flat *= min(1, max_norm / (norm + 1e-6)) unless stats counted a non-finite value."""
+    check_clip_args(flat, stats, max_norm)
+    coefficient = torch.clamp(max_norm / (stats[0] + 1e-6), max=1.0)
+    flat.mul_(torch.where(stats[1] > 0, torch.ones_like(coefficient), coefficient))
+
+
 _lib.impl("accumulate_", accumulate_reference_, "CompositeExplicitAutograd")
+_lib.impl("grad_stats_", grad_stats_reference_, "CompositeExplicitAutograd")
+_lib.impl("clip_", clip_reference_, "CompositeExplicitAutograd")
 _lib.impl("multi_accumulate_", multi_accumulate_reference_, "CompositeExplicitAutograd")
 
 
@@ -64,5 +91,16 @@ def multi_accumulate_fake(dsts, srcs, alpha=1.0, alpha_tensor=None, overwrite=Fa
     check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=False)
 
 
+def grad_stats_fake(flat, scale=1.0, scale_tensor=None):
+    check_grad_stats_args(flat, scale_tensor)
+    return flat.new_empty(2)
+
+
+def clip_fake(flat, stats, max_norm):
+    check_clip_args(flat, stats, max_norm)
+
+
 torch.library.register_fake("memengine::accumulate_", accumulate_fake)
+torch.library.register_fake("memengine::grad_stats_", grad_stats_fake)
+torch.library.register_fake("memengine::clip_", clip_fake)
 torch.library.register_fake("memengine::multi_accumulate_", multi_accumulate_fake)

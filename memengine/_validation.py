@@ -115,3 +115,39 @@ def check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=True):
         check_multi_disjoint(op, dsts, srcs)
     if dsts:
         check_alpha_tensor(op, alpha_tensor, dsts[0].device)
+
+
+def check_flat_buffer(op, flat):
+    if not isinstance(flat, torch.Tensor):
+        _fail(op, "flat must be a tensor")
+    if flat.dtype != torch.float32:
+        _fail(op, f"flat must be float32 (the fp32 gradient buffer), got {flat.dtype}")
+    if not flat.is_contiguous():
+        _fail(op, "flat must be contiguous (a GradBuffer's data is); pass flat.contiguous() and copy back")
+
+
+def check_grad_stats_args(flat, scale_tensor):
+    check_flat_buffer("grad_stats_", flat)
+    if scale_tensor is None:
+        return
+    if scale_tensor.dim() != 0 or scale_tensor.dtype != torch.float32:
+        _fail(
+            "grad_stats_",
+            f"scale must be a Python float or a 0-dim float32 tensor, got a {scale_tensor.dtype} "
+            f"tensor of shape {list(scale_tensor.shape)}",
+        )
+    if scale_tensor.device != flat.device and scale_tensor.device.type != "cpu":
+        _fail(
+            "grad_stats_",
+            f"scale is on {scale_tensor.device} but flat is on {flat.device}; move scale to {flat.device}",
+        )
+
+
+def check_clip_args(flat, stats, max_norm):
+    check_flat_buffer("clip_", flat)
+    if not isinstance(stats, torch.Tensor) or stats.dtype != torch.float32 or stats.shape != (2,):
+        _fail("clip_", "stats must be the float32 tensor [2] returned by grad_stats_ (norm, non-finite count)")
+    if stats.device != flat.device:
+        _fail("clip_", f"stats is on {stats.device} but flat is on {flat.device}")
+    if not max_norm > 0:
+        _fail("clip_", f"max_norm must be positive, got {max_norm}")

@@ -4,8 +4,9 @@ import torch
 
 from memengine import _backend, _ops
 
-OPS = ("accumulate_", "multi_accumulate_")
+OPS = ("accumulate_", "multi_accumulate_", "grad_stats_", "clip_")
 _CPP_ACCUMULATE = torch.ops.memengine.accumulate_.default
+_CPP_GRAD_STATS = torch.ops.memengine.grad_stats_.default
 
 
 def _split_alpha(alpha):
@@ -49,3 +50,32 @@ def multi_accumulate_(dsts, srcs, alpha=1.0, overwrite=False):
         torch.ops.memengine._triton_multi_accumulate_(dsts, srcs, alpha_value, alpha_tensor, overwrite)
     else:
         _ops.multi_accumulate_reference_(dsts, srcs, alpha_value, alpha_tensor, overwrite)
+
+
+def grad_stats_(flat, scale=1.0):
+    """flat *= scale in place; returns a float32 tensor [2] on flat's device:
+    (L2 norm of the scaled finite values, number of non-finite values).
+
+    One pass over memory, deterministic (the same input gives the same bits on every call),
+    and no host synchronisation: `scale` may be a 0-dim float32 device tensor such as
+    1/num_tokens or 1/loss_scale. Non-finite values are counted and left out of the norm.
+    """
+    scale_value, scale_tensor = _split_alpha(scale)
+    backend = _backend.select("grad_stats_", flat.device.type)
+    if backend == "cpp":
+        return _CPP_GRAD_STATS(flat, scale_value, scale_tensor)
+    if backend == "triton":
+        return torch.ops.memengine._triton_grad_stats_(flat, scale_value, scale_tensor)
+    return _ops.grad_stats_reference_(flat, scale_value, scale_tensor)
+
+
+def clip_(flat, stats, max_norm):
+    """flat *= min(1, max_norm / (stats[0] + 1e-6)) unless stats[1] > 0 (a non-finite value:
+    the step will be skipped). Reads `stats` on the device: no host synchronisation."""
+    backend = _backend.select("clip_", flat.device.type)
+    if backend == "cpp":
+        torch.ops.memengine.clip_(flat, stats, float(max_norm))
+    elif backend == "triton":
+        torch.ops.memengine._triton_clip_(flat, stats, float(max_norm))
+    else:
+        _ops.clip_reference_(flat, stats, float(max_norm))

@@ -13,9 +13,9 @@ except ImportError as error:  # optional dependency
     _import_error = f"{type(error).__name__}: {error}"
 
 if _import_error is None:
-    from memengine.triton import accumulate  # noqa: F401,E402  (registers the ops)
+    from memengine.triton import accumulate, clip, grad_stats  # noqa: F401,E402  (registers the ops)
 
-OPS = ("accumulate_", "multi_accumulate_")
+OPS = ("accumulate_", "multi_accumulate_", "grad_stats_", "clip_")
 
 
 def interpreting():

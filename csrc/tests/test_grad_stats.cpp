@@ -1,0 +1,98 @@
+// C++ unit tests of the CPU grad_stats_ and clip_ kernels: results against a double-precision
+// loop for every instruction set, bit-identical across thread counts, and bad input.
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <string>
+
+#include "cpu/grad_stats.h"
+#include "cpu/simd.h"
+
+namespace {
+
+int passed = 0;
+int failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++passed;
+  } else {
+    ++failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+void test_isa(const char* isa) {
+  memengine::cpu::set_active_isa(isa);
+  for (const int64_t n : {0, 1, 15, 16, 17, 65536, 65537, 300001}) {
+    at::Tensor flat = at::randn({n}) * 10;
+    if (n > 20) {
+      flat[3] = std::numeric_limits<float>::quiet_NaN();
+      flat[9] = -std::numeric_limits<float>::infinity();
+    }
+    const at::Tensor expected_flat = flat * 0.25f;
+    double squares = 0.0;
+    int64_t nonfinite = 0;
+    auto e = expected_flat.accessor<float, 1>();
+    for (int64_t i = 0; i < n; ++i) {
+      if (std::isfinite(e[i])) {
+        squares += static_cast<double>(e[i]) * e[i];
+      } else {
+        ++nonfinite;
+      }
+    }
+    const at::Tensor stats = memengine::cpu::grad_stats_(flat, 0.25, std::nullopt);
+    const std::string name = std::string(isa) + " n=" + std::to_string(n);
+    check(at::equal(at::nan_to_num(flat), at::nan_to_num(expected_flat)), name + " scaled values");
+    const float norm = static_cast<float>(std::sqrt(squares));
+    check(std::fabs(stats[0].item<float>() - norm) <= std::fabs(norm) * 1.2e-7f, name + " norm");
+    check(stats[1].item<float>() == static_cast<float>(nonfinite), name + " non-finite count");
+  }
+  const at::Tensor flat = at::randn({1000003});
+  at::set_num_threads(1);
+  const at::Tensor one_thread = memengine::cpu::grad_stats_(flat.clone(), 0.5, std::nullopt);
+  at::set_num_threads(2);
+  const at::Tensor two_threads = memengine::cpu::grad_stats_(flat.clone(), 0.5, std::nullopt);
+  check(at::equal(one_thread, two_threads), std::string(isa) + " deterministic across thread counts");
+}
+
+bool throws_value_error(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const c10::ValueError&) {
+    return true;
+  } catch (...) {
+  }
+  return false;
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  test_isa("scalar");
+  if (memengine::cpu::best_supported_isa() == memengine::cpu::Isa::avx512) {
+    test_isa("avx512");
+  } else {
+    std::printf("skipped avx512: not supported by this CPU\n");
+  }
+
+  at::Tensor flat = at::ones({100});
+  const at::Tensor stats = memengine::cpu::grad_stats_(flat, 1.0, std::nullopt);  // norm 10
+  memengine::cpu::clip_(flat, stats, 1.0);
+  check(std::fabs(flat.norm().item<float>() - 1.0f) < 1e-5f, "clip_ scales to max_norm");
+  const at::Tensor skipped = at::ones({100});
+  memengine::cpu::clip_(skipped, at::tensor({10.0f, 1.0f}), 1.0);
+  check(at::equal(skipped, at::ones({100})), "clip_ leaves a step with non-finite values alone");
+  check(throws_value_error([] { memengine::cpu::grad_stats_(at::zeros({4}, at::kHalf), 1.0, std::nullopt); }),
+        "grad_stats_ rejects float16");
+  check(throws_value_error([] { memengine::cpu::clip_(at::zeros({4}), at::zeros({3}), 1.0); }),
+        "clip_ rejects malformed stats");
+
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}

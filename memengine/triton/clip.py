@@ -1,0 +1,37 @@
+"""Triton kernel of clip_: flat *= min(1, max_norm / (norm + 1e-6)) unless stats[1] > 0.
+
+The factor is computed on the device from `stats` by every program: no host synchronisation.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from memengine import _ops
+from memengine._validation import check_clip_args
+
+BLOCK_SIZE = 4096
+
+
+@triton.jit
+def _clip_kernel(x_ptr, stats_ptr, max_norm, n, BLOCK: tl.constexpr):
+    norm = tl.load(stats_ptr)
+    nonfinite = tl.load(stats_ptr + 1)
+    coefficient = tl.minimum(tl.cast(max_norm, tl.float32) / (norm + 1e-6), 1.0)
+    coefficient = tl.where(nonfinite > 0, 1.0, coefficient)
+    if coefficient < 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) * coefficient, mask=mask)
+
+
+@torch.library.custom_op("memengine::_triton_clip_", mutates_args=("flat",))
+def triton_clip_(flat: torch.Tensor, stats: torch.Tensor, max_norm: float) -> None:
+    check_clip_args(flat, stats, max_norm)
+    if flat.numel() > 0:
+        _clip_kernel[(triton.cdiv(flat.numel(), BLOCK_SIZE),)](
+            flat, stats, float(max_norm), flat.numel(), BLOCK=BLOCK_SIZE
+        )
+
+
+triton_clip_.register_fake(_ops.clip_fake)
