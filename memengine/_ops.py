@@ -13,6 +13,7 @@ import torch
 
 from memengine._validation import (
     check_accumulate_args,
+    check_bias_grad_args,
     check_clip_args,
     check_grad_stats_args,
     check_multi_accumulate_args,
@@ -22,6 +23,10 @@ _lib = torch.library.Library("memengine", "DEF")  # noqa: TOR901 - the namespace
 
 _lib.define(
     "accumulate_(Tensor(a!) dst, Tensor src, float alpha=1.0, Tensor? alpha_tensor=None, bool overwrite=False) -> ()"
+)
+_lib.define(
+    "bias_grad_accumulate_(Tensor(a!) main_grad, Tensor grad_output, float alpha=1.0, Tensor? alpha_tensor=None, "
+    "bool overwrite=False) -> ()"
 )
 _lib.define("grad_stats_(Tensor(a!) flat, float scale=1.0, Tensor? scale_tensor=None) -> Tensor")
 _lib.define("clip_(Tensor(a!) flat, Tensor stats, float max_norm) -> ()")
@@ -59,6 +64,13 @@ def _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite):
         dst.add_(scaled)
 
 
+def bias_grad_accumulate_reference_(main_grad, grad_output, alpha=1.0, alpha_tensor=None, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * grad_output summed over all rows, in float32."""
+    check_bias_grad_args(main_grad, grad_output, alpha_tensor)
+    column_sums = grad_output.reshape(-1, main_grad.shape[0]).to(torch.float32).sum(0)
+    _accumulate_pair_reference(main_grad, column_sums, alpha, alpha_tensor, overwrite)
+
+
 def grad_stats_reference_(flat, scale=1.0, scale_tensor=None):
     """flat *= scale; returns float32 [L2 norm of the finite values (computed in float64),
     number of non-finite values], without leaving the device."""
@@ -78,6 +90,7 @@ def clip_reference_(flat, stats, max_norm):
 
 
 _lib.impl("accumulate_", accumulate_reference_, "CompositeExplicitAutograd")
+_lib.impl("bias_grad_accumulate_", bias_grad_accumulate_reference_, "CompositeExplicitAutograd")
 _lib.impl("grad_stats_", grad_stats_reference_, "CompositeExplicitAutograd")
 _lib.impl("clip_", clip_reference_, "CompositeExplicitAutograd")
 _lib.impl("multi_accumulate_", multi_accumulate_reference_, "CompositeExplicitAutograd")
@@ -91,6 +104,10 @@ def multi_accumulate_fake(dsts, srcs, alpha=1.0, alpha_tensor=None, overwrite=Fa
     check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=False)
 
 
+def bias_grad_accumulate_fake(main_grad, grad_output, alpha=1.0, alpha_tensor=None, overwrite=False):
+    check_bias_grad_args(main_grad, grad_output, alpha_tensor, check_memory=False)
+
+
 def grad_stats_fake(flat, scale=1.0, scale_tensor=None):
     check_grad_stats_args(flat, scale_tensor)
     return flat.new_empty(2)
@@ -101,6 +118,7 @@ def clip_fake(flat, stats, max_norm):
 
 
 torch.library.register_fake("memengine::accumulate_", accumulate_fake)
+torch.library.register_fake("memengine::bias_grad_accumulate_", bias_grad_accumulate_fake)
 torch.library.register_fake("memengine::grad_stats_", grad_stats_fake)
 torch.library.register_fake("memengine::clip_", clip_fake)
 torch.library.register_fake("memengine::multi_accumulate_", multi_accumulate_fake)

@@ -151,3 +151,29 @@ def check_clip_args(flat, stats, max_norm):
         _fail("clip_", f"stats is on {stats.device} but flat is on {flat.device}")
     if not max_norm > 0:
         _fail("clip_", f"max_norm must be positive, got {max_norm}")
+
+
+def check_bias_grad_args(main_grad, grad_output, alpha_tensor, check_memory=True):
+    op = "bias_grad_accumulate_"
+    if not isinstance(main_grad, torch.Tensor) or not isinstance(grad_output, torch.Tensor):
+        _fail(op, "main_grad and grad_output must be tensors")
+    if main_grad.dtype != torch.float32:
+        _fail(op, f"main_grad must be float32, got {main_grad.dtype}")
+    if main_grad.dim() != 1:
+        _fail(op, f"main_grad must be 1-D [out], got shape {list(main_grad.shape)}")
+    if grad_output.dtype not in SOURCE_DTYPES:
+        _fail(op, f"grad_output must be float32, bfloat16 or float16, got {grad_output.dtype}")
+    if grad_output.dim() < 1 or grad_output.shape[-1] != main_grad.shape[0]:
+        _fail(
+            op,
+            f"grad_output's last dimension must equal main_grad's size {main_grad.shape[0]}, "
+            f"got grad_output of shape {list(grad_output.shape)}",
+        )
+    if grad_output.device != main_grad.device:
+        _fail(op, f"grad_output is on {grad_output.device} but main_grad is on {main_grad.device}")
+    if check_memory and main_grad.numel() > 0 and grad_output.numel() > 0:
+        if main_grad.untyped_storage().data_ptr() == grad_output.untyped_storage().data_ptr():
+            (a_begin, a_end), (b_begin, b_end) = _span(main_grad), _span(grad_output)
+            if a_begin < b_end and b_begin < a_end:
+                _fail(op, "main_grad and grad_output overlap in memory; pass a copy of grad_output")
+    check_alpha_tensor(op, alpha_tensor, main_grad.device)

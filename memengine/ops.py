@@ -4,7 +4,7 @@ import torch
 
 from memengine import _backend, _ops
 
-OPS = ("accumulate_", "multi_accumulate_", "grad_stats_", "clip_")
+OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
 _CPP_ACCUMULATE = torch.ops.memengine.accumulate_.default
 _CPP_GRAD_STATS = torch.ops.memengine.grad_stats_.default
 
@@ -50,6 +50,23 @@ def multi_accumulate_(dsts, srcs, alpha=1.0, overwrite=False):
         torch.ops.memengine._triton_multi_accumulate_(dsts, srcs, alpha_value, alpha_tensor, overwrite)
     else:
         _ops.multi_accumulate_reference_(dsts, srcs, alpha_value, alpha_tensor, overwrite)
+
+
+def bias_grad_accumulate_(main_grad, grad_output, alpha=1.0, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * (grad_output summed over all rows).
+
+    main_grad: float32 [out]. grad_output: [..., out], float32, bfloat16 or float16. The sums are
+    formed in float32 or better (never in grad_output's dtype) in a fixed order: deterministic.
+    alpha: a Python float or a 0-dim float32 tensor (read on the device).
+    """
+    alpha_value, alpha_tensor = _split_alpha(alpha)
+    backend = _backend.select("bias_grad_accumulate_", main_grad.device.type)
+    if backend == "cpp":
+        torch.ops.memengine.bias_grad_accumulate_(main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
+    elif backend == "triton":
+        torch.ops.memengine._triton_bias_grad_accumulate_(main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
+    else:
+        _ops.bias_grad_accumulate_reference_(main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
 
 
 def grad_stats_(flat, scale=1.0):

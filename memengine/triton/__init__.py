@@ -13,9 +13,14 @@ except ImportError as error:  # optional dependency
     _import_error = f"{type(error).__name__}: {error}"
 
 if _import_error is None:
-    from memengine.triton import accumulate, clip, grad_stats  # noqa: F401,E402  (registers the ops)
+    from memengine.triton import (  # noqa: F401,E402  (registers the ops)
+        accumulate,
+        bias_grad_accumulate,
+        clip,
+        grad_stats,
+    )
 
-OPS = ("accumulate_", "multi_accumulate_", "grad_stats_", "clip_")
+OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
 
 
 def interpreting():

@@ -1,0 +1,94 @@
+"""Benchmark of bias_grad_accumulate_: main_grad(fp32 [out]) += grad_output([tokens, out]).sum(0).
+
+Providers (same inputs, same math):
+  eager            main_grad.add_(g.float().sum(0))     PyTorch eager
+  compile          torch.compile of that function
+  memengine-cpp    memengine.ops.bias_grad_accumulate_ on the compiled C++/CUDA kernels
+  memengine-triton memengine.ops.bias_grad_accumulate_ on the Triton kernel (GPU only)
+
+GB/s counts the bytes of grad_output read once.
+
+  python benchmarks/bench_bias_grad_accumulate.py
+  python benchmarks/bench_bias_grad_accumulate.py --tokens 16384 --out 4096 --dtypes bfloat16
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
+import _common  # noqa: E402
+
+import memengine as me  # noqa: E402
+from memengine import _backend  # noqa: E402
+
+
+def eager_bias_grad(main_grad, grad_output):
+    main_grad.add_(grad_output.float().sum(0))
+
+
+def memengine_bias_grad(main_grad, grad_output):
+    me.ops.bias_grad_accumulate_(main_grad, grad_output)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--out", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per measurement")
+    parser.add_argument("--csv", default=os.path.join(_common.ROOT, "benchmarks", "results", "bias_grad.csv"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch._dynamo.config.cache_size_limit = 64
+    compiled = torch.compile(eager_bias_grad, dynamic=False)
+    results = _common.Results(args.csv)
+    print(f"bias_grad_accumulate_ on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(_common.Results.header())
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for tokens in args.tokens:
+            for out in args.out:
+                grad_output = torch.randn(tokens, out, device=device).to(dtype)
+                main_grad = torch.zeros(out, device=device)
+                for name, fn, backend in [
+                    ("eager", eager_bias_grad, None),
+                    ("compile", compiled, None),
+                    ("memengine-cpp", memengine_bias_grad, "cpp"),
+                    ("memengine-triton", memengine_bias_grad, "triton"),
+                ]:
+                    base = dict(
+                        kernel="bias_grad", provider=name, shape=f"{tokens}x{out}", dtype=dtype_name, device=str(device)
+                    )
+                    reason = None
+                    if backend is not None:
+                        reason = _backend.unavailable_reason(backend, "bias_grad_accumulate_", device.type)
+                    if backend == "triton" and device.type != "cuda":
+                        reason = "GPU only (the CPU interpreter is for tests, not timing)"
+                    if reason:
+                        results.add(**base, note=f"skipped: {reason}")
+                        continue
+                    call = functools.partial(fn, main_grad, grad_output)
+                    with _common.environment(_backend.ENV_VAR, backend):
+                        p20, p50, p80 = _common.measure(call, device, min_time_s=args.min_time)
+                        peak = _common.peak_extra_bytes(call, device)
+                    results.add(
+                        **base,
+                        p50_ms=p50 * 1e3,
+                        p20_ms=p20 * 1e3,
+                        p80_ms=p80 * 1e3,
+                        throughput=grad_output.numel() * grad_output.element_size() / p50 / 1e9,
+                        unit="GB/s",
+                        peak_bytes=peak,
+                    )
+    results.write_csv()
+
+
+if __name__ == "__main__":
+    main()

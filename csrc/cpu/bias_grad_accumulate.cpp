@@ -1,0 +1,123 @@
+// CPU kernel of bias_grad_accumulate_:
+//   main_grad <- (overwrite ? 0 : main_grad) + alpha * (column sums of grad_output as [rows, out]).
+//
+// Deterministic: the rows are cut into bias_grad_chunk_count(rows) fixed chunks (any thread
+// count gives the same cut); within a chunk, groups of 8 rows are added in float32 and each
+// group sum is added to a double accumulator per column; chunk sums are added in chunk order.
+// The final update is memengine::accumulate_value, the accumulate_ arithmetic.
+#include "bias_grad_accumulate.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "memengine/accumulate.h"
+#include "memengine/bias_grad_checks.h"
+#include "simd.h"
+
+namespace memengine::cpu {
+namespace {
+
+constexpr int64_t kGroup = 8;
+
+// Adds rows [0, rows) of `g` (row stride `ld` elements) into `sums` (double, one per column).
+// Written as plain loops over columns: they vectorise without reassociating any sum.
+template <class Src>
+MEMENGINE_ALWAYS_INLINE void column_sums_into(const Src* g, int64_t ld, int64_t rows, int64_t columns, double* sums) {
+  int64_t r = 0;
+  for (; r + kGroup <= rows; r += kGroup) {
+    const Src* row = g + r * ld;
+    for (int64_t c = 0; c < columns; ++c) {
+      float group = static_cast<float>(row[c]);
+      for (int64_t k = 1; k < kGroup; ++k) group += static_cast<float>(row[k * ld + c]);
+      sums[c] += static_cast<double>(group);
+    }
+  }
+  for (; r < rows; ++r) {
+    const Src* row = g + r * ld;
+    for (int64_t c = 0; c < columns; ++c) sums[c] += static_cast<double>(static_cast<float>(row[c]));
+  }
+}
+
+template <class Src>
+void column_sums_scalar(const Src* g, int64_t ld, int64_t rows, int64_t columns, double* sums) {
+  column_sums_into(g, ld, rows, columns, sums);
+}
+
+#if defined(MEMENGINE_X86_SIMD)
+template <class Src>
+MEMENGINE_TARGET_AVX512 void column_sums_avx512(const Src* g, int64_t ld, int64_t rows, int64_t columns, double* sums) {
+  column_sums_into(g, ld, rows, columns, sums);
+}
+#endif
+
+template <class Src>
+void column_sums(const Src* g, int64_t ld, int64_t rows, int64_t columns, double* sums) {
+#if defined(MEMENGINE_X86_SIMD)
+  if (active_isa() == Isa::avx512) return column_sums_avx512(g, ld, rows, columns, sums);
+#endif
+  column_sums_scalar(g, ld, rows, columns, sums);
+}
+
+template <class Src>
+std::vector<double> chunked_column_sums(const at::Tensor& g2) {
+  const int64_t rows = g2.size(0), columns = g2.size(1), ld = g2.stride(0);
+  const int64_t chunks = bias_grad_chunk_count(rows);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  std::vector<double> partial(static_cast<size_t>(chunks * columns), 0.0);
+  const Src* g = static_cast<const Src*>(g2.const_data_ptr());
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t first = k * rows_per_chunk;
+      const int64_t count = std::max<int64_t>(0, std::min(rows_per_chunk, rows - first));
+      column_sums(g + first * ld, ld, count, columns, partial.data() + k * columns);
+    }
+  });
+  for (int64_t k = 1; k < chunks; ++k) {  // chunk order: deterministic
+    for (int64_t c = 0; c < columns; ++c)
+      partial[static_cast<size_t>(c)] += partial[static_cast<size_t>(k * columns + c)];
+  }
+  partial.resize(static_cast<size_t>(columns));
+  return partial;
+}
+
+}  // namespace
+
+void bias_grad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_output, double alpha,
+                           const std::optional<at::Tensor>& alpha_tensor, bool overwrite) {
+  check_bias_grad_args(main_grad, grad_output, alpha_tensor);
+  TORCH_CHECK_VALUE(main_grad.device().is_cpu(), "bias_grad_accumulate_: main_grad is on ", main_grad.device(),
+                    " but the CPU kernel was called");
+  const int64_t columns = main_grad.size(0);
+  if (columns == 0) return;
+  const float a =
+      alpha_tensor.has_value() && alpha_tensor->defined() ? alpha_tensor->item<float>() : static_cast<float>(alpha);
+  // A view when the leading dimensions can be flattened; a copy only otherwise.
+  at::Tensor g2 = grad_output.reshape({-1, columns});
+  if (g2.stride(1) != 1 || g2.stride(0) < columns) g2 = g2.contiguous();
+  std::vector<double> sums(static_cast<size_t>(columns), 0.0);
+  if (g2.size(0) > 0) {
+    switch (g2.scalar_type()) {
+      case at::kBFloat16:
+        sums = chunked_column_sums<c10::BFloat16>(g2);
+        break;
+      case at::kHalf:
+        sums = chunked_column_sums<c10::Half>(g2);
+        break;
+      default:
+        sums = chunked_column_sums<float>(g2);
+        break;
+    }
+  }
+  auto out = main_grad.accessor<float, 1>();
+  for (int64_t c = 0; c < columns; ++c) {
+    const float total = static_cast<float>(sums[static_cast<size_t>(c)]);
+    out[c] = overwrite ? accumulate_value<true>(out[c], total, a) : accumulate_value<false>(out[c], total, a);
+  }
+}
+
+TORCH_LIBRARY_IMPL(memengine, CPU, m) { m.impl("bias_grad_accumulate_", &bias_grad_accumulate_); }
+
+}  // namespace memengine::cpu
