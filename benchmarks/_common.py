@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import functools
 import os
 import statistics
 import subprocess
@@ -137,3 +138,40 @@ class Results:
                 if row.get("p50_ms") is not None:
                     writer.writerow(row)
         print(f"\nappended {sum(r.get('p50_ms') is not None for r in self.rows)} rows to {self.csv_path}")
+
+
+def providers(eager_fn, compiled_fn, memengine_fn):
+    """The standard providers: (name, function, MEMENGINE_BACKEND value or None)."""
+    return [
+        ("eager", eager_fn, None),
+        ("compile", compiled_fn, None),
+        ("memengine-cpp", memengine_fn, "cpp"),
+        ("memengine-triton", memengine_fn, "triton"),
+    ]
+
+
+def run_providers(results, provider_list, op, device, args, bytes_moved, min_time_s, **row):
+    """Times each provider on the same arguments and adds one row per provider (or a skip note)."""
+    from memengine import _backend
+
+    for name, fn, backend in provider_list:
+        base = dict(row, provider=name, device=str(device))
+        reason = None if backend is None else _backend.unavailable_reason(backend, op, device.type)
+        if backend == "triton" and device.type != "cuda":
+            reason = "GPU only (the CPU interpreter is for tests, not timing)"
+        if reason:
+            results.add(**base, note=f"skipped: {reason}")
+            continue
+        call = functools.partial(fn, *args)
+        with environment(_backend.ENV_VAR, backend):
+            p20, p50, p80 = measure(call, device, min_time_s=min_time_s)
+            peak = peak_extra_bytes(call, device)
+        results.add(
+            **base,
+            p50_ms=p50 * 1e3,
+            p20_ms=p20 * 1e3,
+            p80_ms=p80 * 1e3,
+            throughput=bytes_moved / p50 / 1e9,
+            unit="GB/s",
+            peak_bytes=peak,
+        )

@@ -13,7 +13,6 @@ GB/s counts the bytes the op must move: read and write dst (8) plus read src (2 
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -38,17 +37,6 @@ def memengine_accumulate(dst, src, alpha):
     me.ops.accumulate_(dst, src, alpha=alpha)
 
 
-def providers(device):
-    """(name, function or None, MEMENGINE_BACKEND value, reason when unavailable)."""
-    out = [("eager", eager_accumulate, None, None), ("compile", None, None, None)]
-    for backend in ("cpp", "triton"):
-        reason = _backend.unavailable_reason(backend, "accumulate_", device.type)
-        if backend == "triton" and device.type != "cuda":
-            reason = "GPU only (the CPU interpreter is for tests, not timing)"
-        out.append((f"memengine-{backend}", None if reason else memengine_accumulate, backend, reason))
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
@@ -68,30 +56,24 @@ def main():
     print(_common.Results.header())
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        compiled = torch.compile(eager_accumulate, dynamic=False)
+        provider_list = _common.providers(
+            eager_accumulate, torch.compile(eager_accumulate, dynamic=False), memengine_accumulate
+        )
         for n in args.sizes:
             dst = torch.randn(n, device=device)
             src = torch.randn(n, device=device).to(dtype)
-            bytes_moved = n * (8 + src.element_size())
-            for name, fn, backend, reason in providers(device):
-                fn = compiled if name == "compile" else fn
-                base = dict(kernel="accumulate_", provider=name, shape=str(n), dtype=dtype_name, device=str(device))
-                if fn is None:
-                    results.add(**base, note=f"skipped: {reason}")
-                    continue
-                call = functools.partial(fn, dst, src, ALPHA)
-                with _common.environment(_backend.ENV_VAR, backend):
-                    p20, p50, p80 = _common.measure(call, device, min_time_s=args.min_time)
-                    peak = _common.peak_extra_bytes(call, device)
-                results.add(
-                    **base,
-                    p50_ms=p50 * 1e3,
-                    p20_ms=p20 * 1e3,
-                    p80_ms=p80 * 1e3,
-                    throughput=bytes_moved / p50 / 1e9,
-                    unit="GB/s",
-                    peak_bytes=peak,
-                )
+            _common.run_providers(
+                results,
+                provider_list,
+                "accumulate_",
+                device,
+                (dst, src, ALPHA),
+                n * (8 + src.element_size()),
+                args.min_time,
+                kernel="accumulate_",
+                shape=str(n),
+                dtype=dtype_name,
+            )
             del dst, src
     results.write_csv()
 

@@ -13,7 +13,6 @@ GB/s counts the bytes of grad_output read once.
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -24,7 +23,6 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import _common  # noqa: E402
 
 import memengine as me  # noqa: E402
-from memengine import _backend  # noqa: E402
 
 
 def eager_bias_grad(main_grad, grad_output):
@@ -47,7 +45,9 @@ def main():
 
     device = torch.device(args.device)
     torch._dynamo.config.cache_size_limit = 64
-    compiled = torch.compile(eager_bias_grad, dynamic=False)
+    provider_list = _common.providers(
+        eager_bias_grad, torch.compile(eager_bias_grad, dynamic=False), memengine_bias_grad
+    )
     results = _common.Results(args.csv)
     print(f"bias_grad_accumulate_ on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(_common.Results.header())
@@ -57,36 +57,18 @@ def main():
             for out in args.out:
                 grad_output = torch.randn(tokens, out, device=device).to(dtype)
                 main_grad = torch.zeros(out, device=device)
-                for name, fn, backend in [
-                    ("eager", eager_bias_grad, None),
-                    ("compile", compiled, None),
-                    ("memengine-cpp", memengine_bias_grad, "cpp"),
-                    ("memengine-triton", memengine_bias_grad, "triton"),
-                ]:
-                    base = dict(
-                        kernel="bias_grad", provider=name, shape=f"{tokens}x{out}", dtype=dtype_name, device=str(device)
-                    )
-                    reason = None
-                    if backend is not None:
-                        reason = _backend.unavailable_reason(backend, "bias_grad_accumulate_", device.type)
-                    if backend == "triton" and device.type != "cuda":
-                        reason = "GPU only (the CPU interpreter is for tests, not timing)"
-                    if reason:
-                        results.add(**base, note=f"skipped: {reason}")
-                        continue
-                    call = functools.partial(fn, main_grad, grad_output)
-                    with _common.environment(_backend.ENV_VAR, backend):
-                        p20, p50, p80 = _common.measure(call, device, min_time_s=args.min_time)
-                        peak = _common.peak_extra_bytes(call, device)
-                    results.add(
-                        **base,
-                        p50_ms=p50 * 1e3,
-                        p20_ms=p20 * 1e3,
-                        p80_ms=p80 * 1e3,
-                        throughput=grad_output.numel() * grad_output.element_size() / p50 / 1e9,
-                        unit="GB/s",
-                        peak_bytes=peak,
-                    )
+                _common.run_providers(
+                    results,
+                    provider_list,
+                    "bias_grad_accumulate_",
+                    device,
+                    (main_grad, grad_output),
+                    grad_output.numel() * grad_output.element_size(),
+                    args.min_time,
+                    kernel="bias_grad",
+                    shape=f"{tokens}x{out}",
+                    dtype=dtype_name,
+                )
     results.write_csv()
 
 

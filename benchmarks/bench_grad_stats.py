@@ -15,7 +15,6 @@ GB/s counts 8 bytes per element (read and write the buffer once).
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -26,7 +25,6 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import _common  # noqa: E402
 
 import memengine as me  # noqa: E402
-from memengine import _backend  # noqa: E402
 
 DEFAULT_SIZES = [2**20, 2**24, 2**26]
 
@@ -50,7 +48,9 @@ def main():
 
     device = torch.device(args.device)
     torch._dynamo.config.cache_size_limit = 64
-    compiled = torch.compile(eager_grad_stats, dynamic=False)
+    provider_list = _common.providers(
+        eager_grad_stats, torch.compile(eager_grad_stats, dynamic=False), memengine_grad_stats
+    )
     results = _common.Results(args.csv)
     print(f"grad_stats_ on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(_common.Results.header())
@@ -59,32 +59,18 @@ def main():
         # write-back only for a scale of exactly 1), and the values stay finite over all repeats.
         flat = torch.randn(n, device=device)
         scale = torch.tensor(1.0 + 2.0**-23, device=device)
-        for name, fn, backend in [
-            ("eager", eager_grad_stats, None),
-            ("compile", compiled, None),
-            ("memengine-cpp", memengine_grad_stats, "cpp"),
-            ("memengine-triton", memengine_grad_stats, "triton"),
-        ]:
-            base = dict(kernel="grad_stats_", provider=name, shape=str(n), dtype="float32", device=str(device))
-            reason = None if backend is None else _backend.unavailable_reason(backend, "grad_stats_", device.type)
-            if backend == "triton" and device.type != "cuda":
-                reason = "GPU only (the CPU interpreter is for tests, not timing)"
-            if reason:
-                results.add(**base, note=f"skipped: {reason}")
-                continue
-            call = functools.partial(fn, flat, scale)
-            with _common.environment(_backend.ENV_VAR, backend):
-                p20, p50, p80 = _common.measure(call, device, min_time_s=args.min_time)
-                peak = _common.peak_extra_bytes(call, device)
-            results.add(
-                **base,
-                p50_ms=p50 * 1e3,
-                p20_ms=p20 * 1e3,
-                p80_ms=p80 * 1e3,
-                throughput=8 * n / p50 / 1e9,
-                unit="GB/s",
-                peak_bytes=peak,
-            )
+        _common.run_providers(
+            results,
+            provider_list,
+            "grad_stats_",
+            device,
+            (flat, scale),
+            8 * n,
+            args.min_time,
+            kernel="grad_stats_",
+            shape=str(n),
+            dtype="float32",
+        )
         del flat
     results.write_csv()
 

@@ -10,20 +10,12 @@
 
 #include "cpu/accumulate.h"
 #include "cpu/simd.h"
+#include "harness.h"
 
 namespace {
 
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using memengine::testing::check;
+using memengine::testing::throws_value_error;
 
 // Expected result computed element by element in double precision from the same inputs.
 at::Tensor expected(const at::Tensor& dst, const at::Tensor& src, float alpha, bool overwrite) {
@@ -37,19 +29,7 @@ at::Tensor expected(const at::Tensor& dst, const at::Tensor& src, float alpha, b
   return out;
 }
 
-bool throws_value_error(const std::function<void()>& call, const std::string& needle) {
-  try {
-    call();
-  } catch (const c10::ValueError& error) {
-    return std::string(error.what()).find(needle) != std::string::npos;
-  } catch (...) {
-    return false;
-  }
-  return false;
-}
-
 void test_isa(const char* isa) {
-  memengine::cpu::set_active_isa(isa);
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (const int64_t n : {0, 1, 7, 15, 16, 17, 63, 64, 65, 1000, 100003}) {
       for (const bool overwrite : {false, true}) {
@@ -76,17 +56,7 @@ void test_isa(const char* isa) {
 
 int main() {
   at::manual_seed(0);
-  const auto best = memengine::cpu::best_supported_isa();
-  for (const char* isa : {"scalar", "avx2", "avx512"}) {
-    const bool supported = (std::string(isa) == "scalar") ||
-                           (std::string(isa) == "avx2" && best >= memengine::cpu::Isa::avx2) ||
-                           (std::string(isa) == "avx512" && best >= memengine::cpu::Isa::avx512);
-    if (supported) {
-      test_isa(isa);
-    } else {
-      std::printf("skipped %s: not supported by this CPU\n", isa);
-    }
-  }
+  memengine::testing::run_for_each_isa(test_isa);
 
   const at::Tensor f32 = at::zeros({4});
   check(throws_value_error([&] { memengine::cpu::accumulate_(f32.to(at::kHalf), f32, 1.0, std::nullopt, false); },
@@ -111,6 +81,5 @@ int main() {
             "dsts has 2 tensors but srcs has 1"),
         "rejects lists of different lengths");
 
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return memengine::testing::finish();
 }

@@ -11,23 +11,14 @@
 
 #include "cpu/bias_grad_accumulate.h"
 #include "cpu/simd.h"
+#include "harness.h"
 
 namespace {
 
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using memengine::testing::check;
+using memengine::testing::throws_value_error;
 
 void test_isa(const char* isa) {
-  memengine::cpu::set_active_isa(isa);
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (const auto& shape : std::vector<std::vector<int64_t>>{{1, 5}, {7, 33}, {1000, 17}, {3, 300, 65}}) {
       const at::Tensor g = at::randn(shape).to(dtype);
@@ -52,26 +43,11 @@ void test_isa(const char* isa) {
   check(at::equal(one, two), std::string(isa) + " deterministic across thread counts");
 }
 
-bool throws_value_error(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const c10::ValueError&) {
-    return true;
-  } catch (...) {
-  }
-  return false;
-}
-
 }  // namespace
 
 int main() {
   at::manual_seed(0);
-  test_isa("scalar");
-  if (memengine::cpu::best_supported_isa() == memengine::cpu::Isa::avx512) {
-    test_isa("avx512");
-  } else {
-    std::printf("skipped avx512: not supported by this CPU\n");
-  }
+  memengine::testing::run_for_each_isa(test_isa);
   check(throws_value_error(
             [] { memengine::cpu::bias_grad_accumulate_(at::zeros({5}), at::zeros({3, 4}), 1.0, std::nullopt, false); }),
         "rejects a column mismatch");
@@ -79,6 +55,5 @@ int main() {
           memengine::cpu::bias_grad_accumulate_(at::zeros({5}, at::kHalf), at::zeros({3, 5}), 1.0, std::nullopt, false);
         }),
         "rejects a float16 main_grad");
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return memengine::testing::finish();
 }

@@ -11,23 +11,14 @@
 
 #include "cpu/grad_stats.h"
 #include "cpu/simd.h"
+#include "harness.h"
 
 namespace {
 
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using memengine::testing::check;
+using memengine::testing::throws_value_error;
 
 void test_isa(const char* isa) {
-  memengine::cpu::set_active_isa(isa);
   for (const int64_t n : {0, 1, 15, 16, 17, 65536, 65537, 300001}) {
     at::Tensor flat = at::randn({n}) * 10;
     if (n > 20) {
@@ -60,26 +51,11 @@ void test_isa(const char* isa) {
   check(at::equal(one_thread, two_threads), std::string(isa) + " deterministic across thread counts");
 }
 
-bool throws_value_error(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const c10::ValueError&) {
-    return true;
-  } catch (...) {
-  }
-  return false;
-}
-
 }  // namespace
 
 int main() {
   at::manual_seed(0);
-  test_isa("scalar");
-  if (memengine::cpu::best_supported_isa() == memengine::cpu::Isa::avx512) {
-    test_isa("avx512");
-  } else {
-    std::printf("skipped avx512: not supported by this CPU\n");
-  }
+  memengine::testing::run_for_each_isa(test_isa);
 
   at::Tensor flat = at::ones({100});
   const at::Tensor stats = memengine::cpu::grad_stats_(flat, 1.0, std::nullopt);  // norm 10
@@ -93,6 +69,5 @@ int main() {
   check(throws_value_error([] { memengine::cpu::clip_(at::zeros({4}), at::zeros({3}), 1.0); }),
         "clip_ rejects malformed stats");
 
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return memengine::testing::finish();
 }
