@@ -3,7 +3,7 @@
 # against that torch, then runs.
 #
 #   make test    C++ tests (ctest) and the Python test suite
-#   make bench   the accumulate_ benchmark (table + benchmarks/results/accumulate.csv)
+#   make bench   the kernel benchmarks (tables + CSVs in benchmarks/results/)
 #
 # Variables: VENV (default .venv), PYTHON (interpreter that creates it), TORCH_SPEC (what pip
 # installs as torch; default the CUDA 13 build 2.14.1, e.g. TORCH_SPEC=torch==2.13.0 for a
@@ -43,6 +43,8 @@ test: cpp-test py-test
 
 bench: build
 	$(PY) benchmarks/bench_accumulate.py
+	$(PY) benchmarks/bench_bias_grad_accumulate.py
+	$(PY) benchmarks/bench_grad_stats.py
 
 clean:
 	rm -rf build cmake-build* memengine/_C*.so *.egg-info
