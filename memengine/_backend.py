@@ -5,7 +5,8 @@ Backends, fastest first:
   triton  Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
   torch   the pure-PyTorch reference kernels in memengine/_ops.py
 
-MEMENGINE_BACKEND=auto (default) takes the first backend available for the tensors' device.
+MEMENGINE_BACKEND=auto (default) takes the first backend available for the tensors' device
+(on CPU tensors only cpp or torch: Triton's interpreter is for testing, not speed).
 Naming a backend forces it; if it cannot run, the call raises and says why.
 """
 
@@ -84,6 +85,8 @@ def _select_uncached(op, device_type):
     requested = requested_backend()
     if requested == "auto":
         for backend in BACKENDS:
+            if backend == "triton" and device_type == "cpu":
+                continue  # Triton's CPU interpreter is a debugging aid, never the fast choice
             if unavailable_reason(backend, op, device_type) is None:
                 return backend
     reason = unavailable_reason(requested, op, device_type)

@@ -63,6 +63,14 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
     assert torch.equal(dst, torch.ones(3))
 
 
+def test_auto_never_picks_the_triton_interpreter(monkeypatch):
+    monkeypatch.setattr(_extension, "C", None)
+    monkeypatch.setattr(_extension, "load_error", "ImportError: simulated")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(_backend.ENV_VAR, "auto")
+    assert _backend.select("accumulate_", "cpu") == "torch"
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv(_backend.ENV_VAR, "triton")
