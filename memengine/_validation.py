@@ -19,6 +19,14 @@ def _span(t):
     return begin, begin + (last + 1) * t.element_size()
 
 
+def _share_bytes(a, b):
+    """True if a and b touch a common byte (judged by the ranges their elements span)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a_begin, a_end), (b_begin, b_end) = _span(a), _span(b)
+    return a_begin < b_end and b_begin < a_end
+
+
 def check_accumulate_pair(op, dst, src, dst_name, src_name, check_memory=True):
     if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
         _fail(op, f"{dst_name} and {src_name} must be tensors")
@@ -53,24 +61,23 @@ def check_accumulate_pair(op, dst, src, dst_name, src_name, check_memory=True):
             f"{dst_name} has elements that share memory (for example a view made by expand()); "
             f"pass a tensor that owns each element, e.g. {dst_name}.contiguous()",
         )
-    if dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
-        same_view = dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride() and dst.dtype == src.dtype
-        (dst_begin, dst_end), (src_begin, src_end) = _span(dst), _span(src)
-        if not same_view and dst_begin < src_end and src_begin < dst_end:
-            _fail(op, f"{dst_name} and {src_name} overlap in memory; pass a copy of {src_name} ({src_name}.clone())")
+    same_view = dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride() and dst.dtype == src.dtype
+    if not same_view and _share_bytes(dst, src):
+        _fail(op, f"{dst_name} and {src_name} overlap in memory; pass a copy of {src_name} ({src_name}.clone())")
 
 
-def check_alpha_tensor(op, alpha_tensor, device):
-    if alpha_tensor is None:
+def check_scalar_tensor(op, tensor, device, name="alpha"):
+    """A scalar argument (alpha, scale): a Python float or a 0-dim float32 tensor on `device` or the CPU."""
+    if tensor is None:
         return
-    if alpha_tensor.dim() != 0 or alpha_tensor.dtype != torch.float32:
+    if tensor.dim() != 0 or tensor.dtype != torch.float32:
         _fail(
             op,
-            f"alpha must be a Python float or a 0-dim float32 tensor, got a {alpha_tensor.dtype} tensor of "
-            f"shape {list(alpha_tensor.shape)}; use alpha.reshape(()).float()",
+            f"{name} must be a Python float or a 0-dim float32 tensor, got a {tensor.dtype} tensor of "
+            f"shape {list(tensor.shape)}; use {name}.reshape(()).float()",
         )
-    if alpha_tensor.device != device and alpha_tensor.device.type != "cpu":
-        _fail(op, f"alpha is on {alpha_tensor.device} but the gradients are on {device}; move alpha to {device}")
+    if tensor.device != device and tensor.device.type != "cpu":
+        _fail(op, f"{name} is on {tensor.device} but the gradients are on {device}; move {name} to {device}")
 
 
 def check_same_length(op, dsts, srcs):
@@ -102,7 +109,7 @@ def check_multi_disjoint(op, dsts, srcs):
 def check_accumulate_args(dst, src, alpha_tensor, check_memory=True):
     """All checks of one accumulate_ call."""
     check_accumulate_pair("accumulate_", dst, src, "dst", "src", check_memory)
-    check_alpha_tensor("accumulate_", alpha_tensor, dst.device)
+    check_scalar_tensor("accumulate_", alpha_tensor, dst.device)
 
 
 def check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=True):
@@ -114,7 +121,7 @@ def check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=True):
     if check_memory:
         check_multi_disjoint(op, dsts, srcs)
     if dsts:
-        check_alpha_tensor(op, alpha_tensor, dsts[0].device)
+        check_scalar_tensor(op, alpha_tensor, dsts[0].device)
 
 
 def check_flat_buffer(op, flat):
@@ -128,19 +135,7 @@ def check_flat_buffer(op, flat):
 
 def check_grad_stats_args(flat, scale_tensor):
     check_flat_buffer("grad_stats_", flat)
-    if scale_tensor is None:
-        return
-    if scale_tensor.dim() != 0 or scale_tensor.dtype != torch.float32:
-        _fail(
-            "grad_stats_",
-            f"scale must be a Python float or a 0-dim float32 tensor, got a {scale_tensor.dtype} "
-            f"tensor of shape {list(scale_tensor.shape)}",
-        )
-    if scale_tensor.device != flat.device and scale_tensor.device.type != "cpu":
-        _fail(
-            "grad_stats_",
-            f"scale is on {scale_tensor.device} but flat is on {flat.device}; move scale to {flat.device}",
-        )
+    check_scalar_tensor("grad_stats_", scale_tensor, flat.device, "scale")
 
 
 def check_clip_args(flat, stats, max_norm):
@@ -171,9 +166,6 @@ def check_bias_grad_args(main_grad, grad_output, alpha_tensor, check_memory=True
         )
     if grad_output.device != main_grad.device:
         _fail(op, f"grad_output is on {grad_output.device} but main_grad is on {main_grad.device}")
-    if check_memory and main_grad.numel() > 0 and grad_output.numel() > 0:
-        if main_grad.untyped_storage().data_ptr() == grad_output.untyped_storage().data_ptr():
-            (a_begin, a_end), (b_begin, b_end) = _span(main_grad), _span(grad_output)
-            if a_begin < b_end and b_begin < a_end:
-                _fail(op, "main_grad and grad_output overlap in memory; pass a copy of grad_output")
-    check_alpha_tensor(op, alpha_tensor, main_grad.device)
+    if check_memory and main_grad.numel() > 0 and grad_output.numel() > 0 and _share_bytes(main_grad, grad_output):
+        _fail(op, "main_grad and grad_output overlap in memory; pass a copy of grad_output")
+    check_scalar_tensor(op, alpha_tensor, main_grad.device)

@@ -5,8 +5,17 @@ import torch
 from memengine import _backend, _ops
 
 OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
-_CPP_ACCUMULATE = torch.ops.memengine.accumulate_.default
-_CPP_GRAD_STATS = torch.ops.memengine.grad_stats_.default
+
+
+def _run(op, device_type, *args):
+    """Runs `op` on the backend _backend.select picks: the compiled op memengine::<op>, the
+    Triton op memengine::_triton_<op>, or the reference kernel _ops.<op without _>_reference_."""
+    backend = _backend.select(op, device_type)
+    if backend == "cpp":
+        return getattr(torch.ops.memengine, op)(*args)
+    if backend == "triton":
+        return getattr(torch.ops.memengine, "_triton_" + op)(*args)
+    return getattr(_ops, op[:-1] + "_reference_")(*args)
 
 
 def _split_alpha(alpha):
@@ -24,13 +33,7 @@ def accumulate_(dst, src, alpha=1.0, overwrite=False):
     no host synchronisation). With alpha == 1 the result is bit-identical to dst.add_(src).
     """
     alpha_value, alpha_tensor = _split_alpha(alpha)
-    backend = _backend.select("accumulate_", dst.device.type)
-    if backend == "cpp":
-        _CPP_ACCUMULATE(dst, src, alpha_value, alpha_tensor, overwrite)
-    elif backend == "triton":
-        torch.ops.memengine._triton_accumulate_(dst, src, alpha_value, alpha_tensor, overwrite)
-    else:
-        _ops.accumulate_reference_(dst, src, alpha_value, alpha_tensor, overwrite)
+    _run("accumulate_", dst.device.type, dst, src, alpha_value, alpha_tensor, overwrite)
 
 
 def multi_accumulate_(dsts, srcs, alpha=1.0, overwrite=False):
@@ -43,13 +46,7 @@ def multi_accumulate_(dsts, srcs, alpha=1.0, overwrite=False):
         return
     alpha_value, alpha_tensor = _split_alpha(alpha)
     device = (dsts or srcs)[0].device
-    backend = _backend.select("multi_accumulate_", device.type)
-    if backend == "cpp":
-        torch.ops.memengine.multi_accumulate_(dsts, srcs, alpha_value, alpha_tensor, overwrite)
-    elif backend == "triton":
-        torch.ops.memengine._triton_multi_accumulate_(dsts, srcs, alpha_value, alpha_tensor, overwrite)
-    else:
-        _ops.multi_accumulate_reference_(dsts, srcs, alpha_value, alpha_tensor, overwrite)
+    _run("multi_accumulate_", device.type, dsts, srcs, alpha_value, alpha_tensor, overwrite)
 
 
 def bias_grad_accumulate_(main_grad, grad_output, alpha=1.0, overwrite=False):
@@ -60,13 +57,7 @@ def bias_grad_accumulate_(main_grad, grad_output, alpha=1.0, overwrite=False):
     alpha: a Python float or a 0-dim float32 tensor (read on the device).
     """
     alpha_value, alpha_tensor = _split_alpha(alpha)
-    backend = _backend.select("bias_grad_accumulate_", main_grad.device.type)
-    if backend == "cpp":
-        torch.ops.memengine.bias_grad_accumulate_(main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
-    elif backend == "triton":
-        torch.ops.memengine._triton_bias_grad_accumulate_(main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
-    else:
-        _ops.bias_grad_accumulate_reference_(main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
+    _run("bias_grad_accumulate_", main_grad.device.type, main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
 
 
 def grad_stats_(flat, scale=1.0):
@@ -78,21 +69,10 @@ def grad_stats_(flat, scale=1.0):
     1/num_tokens or 1/loss_scale. Non-finite values are counted and left out of the norm.
     """
     scale_value, scale_tensor = _split_alpha(scale)
-    backend = _backend.select("grad_stats_", flat.device.type)
-    if backend == "cpp":
-        return _CPP_GRAD_STATS(flat, scale_value, scale_tensor)
-    if backend == "triton":
-        return torch.ops.memengine._triton_grad_stats_(flat, scale_value, scale_tensor)
-    return _ops.grad_stats_reference_(flat, scale_value, scale_tensor)
+    return _run("grad_stats_", flat.device.type, flat, scale_value, scale_tensor)
 
 
 def clip_(flat, stats, max_norm):
     """flat *= min(1, max_norm / (stats[0] + 1e-6)) unless stats[1] > 0 (a non-finite value:
     the step will be skipped). Reads `stats` on the device: no host synchronisation."""
-    backend = _backend.select("clip_", flat.device.type)
-    if backend == "cpp":
-        torch.ops.memengine.clip_(flat, stats, float(max_norm))
-    elif backend == "triton":
-        torch.ops.memengine._triton_clip_(flat, stats, float(max_norm))
-    else:
-        _ops.clip_reference_(flat, stats, float(max_norm))
+    _run("clip_", flat.device.type, flat, stats, float(max_norm))

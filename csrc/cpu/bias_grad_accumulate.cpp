@@ -46,11 +46,6 @@ MEMENGINE_ALWAYS_INLINE void column_sums_into(const Src* g, int64_t ld, int64_t 
   }
 }
 
-template <class Src>
-void column_sums_scalar(const Src* g, int64_t ld, int64_t rows, int64_t columns, double* sums) {
-  column_sums_into(g, ld, rows, columns, sums);
-}
-
 #if defined(MEMENGINE_X86_SIMD)
 // The same arithmetic as column_sums_into, sixteen columns at a time: the loads convert
 // bf16/fp16 to float32 with the accumulate_ kernel's SIMD loads (vcvtph2ps for fp16, which
@@ -70,13 +65,10 @@ MEMENGINE_TARGET_AVX512 void column_sums_avx512(const Src* g, int64_t ld, int64_
       _mm512_storeu_pd(sums + c, _mm512_add_pd(_mm512_loadu_pd(sums + c), low));
       _mm512_storeu_pd(sums + c + 8, _mm512_add_pd(_mm512_loadu_pd(sums + c + 8), high));
     }
-    for (int64_t c = vector_columns; c < columns; ++c) {
-      float group = to_float(row[c]);
-      for (int64_t k = 1; k < kGroup; ++k) group += to_float(row[k * ld + c]);
-      sums[c] += static_cast<double>(group);
-    }
   }
-  column_sums_into(g + r * ld, ld, rows - r, columns, sums);  // fewer than kGroup rows left
+  column_sums_into(g + r * ld, ld, rows - r, vector_columns, sums);  // fewer than kGroup rows left
+  // The last columns (fewer than W), with the same grouping as above.
+  column_sums_into(g + vector_columns, ld, rows, columns - vector_columns, sums + vector_columns);
 }
 #endif
 
@@ -85,7 +77,7 @@ void column_sums(const Src* g, int64_t ld, int64_t rows, int64_t columns, double
 #if defined(MEMENGINE_X86_SIMD)
   if (active_isa() == Isa::avx512) return column_sums_avx512(g, ld, rows, columns, sums);
 #endif
-  column_sums_scalar(g, ld, rows, columns, sums);
+  column_sums_into(g, ld, rows, columns, sums);
 }
 
 template <class Src>

@@ -124,7 +124,7 @@ struct Alpha {
 
 Alpha resolve_alpha(const char* op, double alpha, const std::optional<at::Tensor>& alpha_tensor,
                     const at::Device& device) {
-  check_alpha_tensor(op, alpha_tensor, device);
+  check_scalar_tensor(op, alpha_tensor, device);
   if (!alpha_tensor.has_value() || !alpha_tensor->defined()) return {nullptr, static_cast<float>(alpha)};
   if (alpha_tensor->device().is_cpu()) return {nullptr, alpha_tensor->item<float>()};  // host memory: no sync
   return {alpha_tensor->const_data_ptr<float>(), 1.0f};

@@ -23,12 +23,9 @@ inline void check_bias_grad_args(const at::Tensor& main_grad, const at::Tensor& 
                     ", got grad_output of shape ", grad_output.sizes());
   TORCH_CHECK_VALUE(grad_output.device() == main_grad.device(), op, ": grad_output is on ", grad_output.device(),
                     " but main_grad is on ", main_grad.device());
-  if (main_grad.numel() > 0 && grad_output.numel() > 0 && main_grad.storage().data() == grad_output.storage().data()) {
-    const ByteSpan a = byte_span(main_grad), b = byte_span(grad_output);
-    TORCH_CHECK_VALUE(a.end <= b.begin || b.end <= a.begin, op,
-                      ": main_grad and grad_output overlap in memory; pass a copy of grad_output");
-  }
-  check_alpha_tensor(op, alpha_tensor, main_grad.device());
+  TORCH_CHECK_VALUE(main_grad.numel() == 0 || grad_output.numel() == 0 || !share_bytes(main_grad, grad_output), op,
+                    ": main_grad and grad_output overlap in memory; pass a copy of grad_output");
+  check_scalar_tensor(op, alpha_tensor, main_grad.device());
 }
 
 // Rows of the flattened [rows, out] grad_output summed by one partial sum. A function of the

@@ -27,6 +27,15 @@ inline ByteSpan byte_span(const at::Tensor& t) {
   return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
 }
 
+// True if a and b touch a common byte (judged by the ranges their elements span).
+inline bool share_bytes(const at::Tensor& a, const at::Tensor& b) {
+  if (a.storage().data() != b.storage().data()) {
+    return false;
+  }
+  const ByteSpan x = byte_span(a), y = byte_span(b);
+  return x.begin < y.end && y.begin < x.end;
+}
+
 inline bool is_supported_source_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
@@ -53,28 +62,25 @@ inline void check_accumulate_pair(const char* op, const at::Tensor& dst, const a
                     " has elements that share memory (for example a view made by expand()); pass a tensor that owns "
                     "each element, e.g. ",
                     dst_name, ".contiguous()");
-  if (dst.storage().data() == src.storage().data()) {
-    const bool same_view =
-        dst.data_ptr() == src.data_ptr() && dst.strides() == src.strides() && dst.scalar_type() == src.scalar_type();
-    const ByteSpan d = byte_span(dst), s = byte_span(src);
-    TORCH_CHECK_VALUE(same_view || d.end <= s.begin || s.end <= d.begin, op, ": ", dst_name, " and ", src_name,
-                      " overlap in memory; pass a copy of ", src_name, " (", src_name, ".clone())");
-  }
+  const bool same_view =
+      dst.data_ptr() == src.data_ptr() && dst.strides() == src.strides() && dst.scalar_type() == src.scalar_type();
+  TORCH_CHECK_VALUE(same_view || !share_bytes(dst, src), op, ": ", dst_name, " and ", src_name,
+                    " overlap in memory; pass a copy of ", src_name, " (", src_name, ".clone())");
 }
 
-// alpha is either the Python float `alpha` or, when given, the 0-dim float32 tensor
-// `alpha_tensor` on dst's device (or on the CPU). Returns nothing; kernels read it themselves.
-inline void check_alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha_tensor,
-                               const at::Device& device) {
-  if (!alpha_tensor.has_value() || !alpha_tensor->defined()) {
+// A scalar argument (alpha, scale) is either a Python float or, when given, a 0-dim float32
+// tensor on the gradients' device (or on the CPU). `name` is how the op calls it.
+inline void check_scalar_tensor(const char* op, const std::optional<at::Tensor>& tensor, const at::Device& device,
+                                const char* name = "alpha") {
+  if (!tensor.has_value() || !tensor->defined()) {
     return;
   }
-  const at::Tensor& alpha = *alpha_tensor;
-  TORCH_CHECK_VALUE(alpha.dim() == 0 && alpha.scalar_type() == at::kFloat, op,
-                    ": alpha must be a Python float or a 0-dim float32 tensor, got a ", alpha.scalar_type(),
-                    " tensor of shape ", alpha.sizes(), "; use alpha.reshape(()).float()");
-  TORCH_CHECK_VALUE(alpha.device() == device || alpha.device().is_cpu(), op, ": alpha is on ", alpha.device(),
-                    " but the gradients are on ", device, "; move alpha to ", device);
+  const at::Tensor& value = *tensor;
+  TORCH_CHECK_VALUE(value.dim() == 0 && value.scalar_type() == at::kFloat, op, ": ", name,
+                    " must be a Python float or a 0-dim float32 tensor, got a ", value.scalar_type(),
+                    " tensor of shape ", value.sizes(), "; use ", name, ".reshape(()).float()");
+  TORCH_CHECK_VALUE(value.device() == device || value.device().is_cpu(), op, ": ", name, " is on ", value.device(),
+                    " but the gradients are on ", device, "; move ", name, " to ", device);
 }
 
 // Within one multi_accumulate_ call no destination may overlap another destination or another

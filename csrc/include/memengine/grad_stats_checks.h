@@ -5,6 +5,8 @@
 
 #include <optional>
 
+#include "memengine/checks.h"
+
 namespace memengine {
 
 inline void check_flat_buffer(const char* op, const at::Tensor& flat) {
@@ -17,14 +19,7 @@ inline void check_flat_buffer(const char* op, const at::Tensor& flat) {
 
 inline void check_grad_stats_args(const at::Tensor& flat, const std::optional<at::Tensor>& scale_tensor) {
   check_flat_buffer("grad_stats_", flat);
-  if (scale_tensor.has_value() && scale_tensor->defined()) {
-    const at::Tensor& scale = *scale_tensor;
-    TORCH_CHECK_VALUE(scale.dim() == 0 && scale.scalar_type() == at::kFloat,
-                      "grad_stats_: scale must be a Python float or a 0-dim float32 tensor, got a ",
-                      scale.scalar_type(), " tensor of shape ", scale.sizes());
-    TORCH_CHECK_VALUE(scale.device() == flat.device() || scale.device().is_cpu(), "grad_stats_: scale is on ",
-                      scale.device(), " but flat is on ", flat.device(), "; move scale to ", flat.device());
-  }
+  check_scalar_tensor("grad_stats_", scale_tensor, flat.device(), "scale");
 }
 
 inline void check_clip_args(const at::Tensor& flat, const at::Tensor& stats, double max_norm) {
