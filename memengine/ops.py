@@ -7,15 +7,27 @@ from memengine import _backend, _ops
 OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
 
 
-def _run(op, device_type, *args):
-    """Runs `op` on the backend _backend.select picks: the compiled op memengine::<op>, the
-    Triton op memengine::_triton_<op>, or the reference kernel _ops.<op without _>_reference_."""
-    backend = _backend.select(op, device_type)
+_implementations = {}
+
+
+def _implementation(op, backend):
+    """The compiled op memengine::<op>, the Triton op memengine::_triton_<op>, or the reference
+    kernel _ops.<op without the trailing _>_reference_."""
     if backend == "cpp":
-        return getattr(torch.ops.memengine, op)(*args)
+        return getattr(torch.ops.memengine, op).default
     if backend == "triton":
-        return getattr(torch.ops.memengine, "_triton_" + op)(*args)
-    return getattr(_ops, op[:-1] + "_reference_")(*args)
+        return getattr(torch.ops.memengine, "_triton_" + op).default
+    return getattr(_ops, op[:-1] + "_reference_")
+
+
+def _run(op, device_type, *args):
+    """Runs `op` on the backend _backend.select picks. The callable is looked up once per
+    (op, backend): resolving torch.ops attributes on every call cost about 1 us."""
+    backend = _backend.select(op, device_type)
+    function = _implementations.get((op, backend))
+    if function is None:
+        function = _implementations[(op, backend)] = _implementation(op, backend)
+    return function(*args)
 
 
 def _split_alpha(alpha):
