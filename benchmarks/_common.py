@@ -21,6 +21,7 @@ CSV_FIELDS = [
     "throughput",
     "unit",
     "peak_bytes",
+    "max_error",
     "torch",
     "git_sha",
     "device",
@@ -86,11 +87,41 @@ def measure(fn, device, min_time_s=0.5, min_repeats=7, max_repeats=200, min_samp
     return q[1], statistics.median(samples), q[7]
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ side logs start/stop lines to file descriptor 2; keep the table readable."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _cpu_peak_extra_bytes(fn):
+    """Peak of the bytes allocated through PyTorch's CPU allocator during the call (the profiler's
+    memory events, in time order). Buffers a library allocates itself (MKL's, oneDNN's) are not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
 def peak_extra_bytes(fn, device):
-    """Bytes allocated beyond what was live before the call (CUDA allocator); None on CPU,
-    where PyTorch keeps no allocator statistics."""
+    """Bytes allocated beyond what was live before the call: the CUDA allocator's statistics, or
+    on CPU (where PyTorch keeps none) the profiler's record of the CPU allocator."""
     if device.type != "cuda":
-        return None
+        return _cpu_peak_extra_bytes(fn)
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -113,18 +144,20 @@ class Results:
     @staticmethod
     def header():
         return (
-            f"{'kernel':<12} {'provider':<16} {'shape':>12} {'dtype':<9} {'p50 ms':>10} {'p20 ms':>10} "
-            f"{'p80 ms':>10} {'throughput':>12}"
+            f"{'kernel':<12} {'provider':<22} {'shape':>15} {'dtype':<9} {'p50 ms':>10} {'p20 ms':>10} "
+            f"{'p80 ms':>10} {'throughput':>12} {'extra MiB':>10}"
         )
 
     @staticmethod
     def format_row(row):
         if row.get("p50_ms") is None:
-            return f"{row['kernel']:<12} {row['provider']:<16} {row['shape']:>12} {row['dtype']:<9} {row['note']}"
+            return f"{row['kernel']:<12} {row['provider']:<22} {row['shape']:>15} {row['dtype']:<9} {row['note']}"
         return (
-            f"{row['kernel']:<12} {row['provider']:<16} {row['shape']:>12} {row['dtype']:<9} "
+            f"{row['kernel']:<12} {row['provider']:<22} {row['shape']:>15} {row['dtype']:<9} "
             f"{row['p50_ms']:>10.4f} {row['p20_ms']:>10.4f} {row['p80_ms']:>10.4f} "
-            f"{row['throughput']:>8.1f} {row['unit']}"
+            f"{row['throughput']:>8.3g} {row['unit']:<5}"
+            + (f" {row['peak_bytes'] / 2**20:>8.1f}" if row.get("peak_bytes") is not None else "")
+            + (f"  max err {row['max_error']:.3g}" if row.get("max_error") is not None else "")
         )
 
     def write_csv(self):

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/simd.h"
+#include "cpu/wgrad_accumulate.h"
 
 #if defined(MEMENGINE_WITH_CUDA)
 namespace memengine::cuda {
@@ -54,4 +55,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_cpu_isa", [](const std::string& name) { memengine::cpu::set_active_isa(name.c_str()); },
       "Lower (or restore) the CPU instruction set: 'scalar', 'avx2' or 'avx512'. For tests and benchmarks.");
+  m.def(
+      "wgrad_cpu_path",
+      [](const std::string& dtype) {
+        const at::ScalarType type = dtype == "float16" ? at::kHalf : dtype == "float32" ? at::kFloat : at::kBFloat16;
+        return memengine::cpu::wgrad_path(type);
+      },
+      pybind11::arg("dtype") = "bfloat16", "GEMM that runs wgrad_accumulate_ for CPU inputs of `dtype` now.");
+  m.def(
+      "set_wgrad_cpu_path", [](const std::string& name) { memengine::cpu::set_wgrad_path(name); },
+      "Choose the CPU GEMM of wgrad_accumulate_: 'auto', 'mkl', 'avx512_bf16' or 'chunked'. For tests and benchmarks.");
 }

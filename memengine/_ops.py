@@ -17,6 +17,7 @@ from memengine._validation import (
     check_clip_args,
     check_grad_stats_args,
     check_multi_accumulate_args,
+    check_wgrad_args,
 )
 
 _lib = torch.library.Library("memengine", "DEF")  # noqa: TOR901 - the namespace is ours
@@ -27,6 +28,10 @@ _lib.define(
 _lib.define(
     "bias_grad_accumulate_(Tensor(a!) main_grad, Tensor grad_output, float alpha=1.0, Tensor? alpha_tensor=None, "
     "bool overwrite=False) -> ()"
+)
+_lib.define(
+    "wgrad_accumulate_(Tensor(a!) main_grad, Tensor grad_output, Tensor input, float alpha=1.0, "
+    "Tensor? alpha_tensor=None, bool overwrite=False) -> ()"
 )
 _lib.define("grad_stats_(Tensor(a!) flat, float scale=1.0, Tensor? scale_tensor=None) -> Tensor")
 _lib.define("clip_(Tensor(a!) flat, Tensor stats, float max_norm) -> ()")
@@ -71,6 +76,18 @@ def bias_grad_accumulate_reference_(main_grad, grad_output, alpha=1.0, alpha_ten
     _accumulate_pair_reference(main_grad, column_sums, alpha, alpha_tensor, overwrite)
 
 
+def wgrad_accumulate_reference_(main_grad, grad_output, input, alpha=1.0, alpha_tensor=None, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * grad_output^T @ input, with both
+    flattened to [tokens, features]; products and sums in float32 (inputs are upcast first)."""
+    check_wgrad_args(main_grad, grad_output, input, alpha_tensor)
+    out_features, in_features = main_grad.shape
+    if main_grad.numel() == 0:
+        return
+    g2 = grad_output.reshape(-1, out_features).to(torch.float32)
+    x2 = input.reshape(-1, in_features).to(torch.float32)
+    _accumulate_pair_reference(main_grad, g2.t() @ x2, alpha, alpha_tensor, overwrite)
+
+
 def grad_stats_reference_(flat, scale=1.0, scale_tensor=None):
     """flat *= scale; returns float32 [L2 norm of the finite values (computed in float64),
     number of non-finite values], without leaving the device."""
@@ -91,6 +108,7 @@ def clip_reference_(flat, stats, max_norm):
 
 _lib.impl("accumulate_", accumulate_reference_, "CompositeExplicitAutograd")
 _lib.impl("bias_grad_accumulate_", bias_grad_accumulate_reference_, "CompositeExplicitAutograd")
+_lib.impl("wgrad_accumulate_", wgrad_accumulate_reference_, "CompositeExplicitAutograd")
 _lib.impl("grad_stats_", grad_stats_reference_, "CompositeExplicitAutograd")
 _lib.impl("clip_", clip_reference_, "CompositeExplicitAutograd")
 _lib.impl("multi_accumulate_", multi_accumulate_reference_, "CompositeExplicitAutograd")
@@ -108,6 +126,10 @@ def bias_grad_accumulate_fake(main_grad, grad_output, alpha=1.0, alpha_tensor=No
     check_bias_grad_args(main_grad, grad_output, alpha_tensor, check_memory=False)
 
 
+def wgrad_accumulate_fake(main_grad, grad_output, input, alpha=1.0, alpha_tensor=None, overwrite=False):
+    check_wgrad_args(main_grad, grad_output, input, alpha_tensor, check_memory=False)
+
+
 def grad_stats_fake(flat, scale=1.0, scale_tensor=None):
     check_grad_stats_args(flat, scale_tensor)
     return flat.new_empty(2)
@@ -119,6 +141,7 @@ def clip_fake(flat, stats, max_norm):
 
 torch.library.register_fake("memengine::accumulate_", accumulate_fake)
 torch.library.register_fake("memengine::bias_grad_accumulate_", bias_grad_accumulate_fake)
+torch.library.register_fake("memengine::wgrad_accumulate_", wgrad_accumulate_fake)
 torch.library.register_fake("memengine::grad_stats_", grad_stats_fake)
 torch.library.register_fake("memengine::clip_", clip_fake)
 torch.library.register_fake("memengine::multi_accumulate_", multi_accumulate_fake)

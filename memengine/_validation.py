@@ -2,6 +2,7 @@
 in csrc/include/memengine/checks.h so that every backend rejects bad input the same way."""
 
 import bisect
+import math
 
 import torch
 
@@ -168,4 +169,57 @@ def check_bias_grad_args(main_grad, grad_output, alpha_tensor, check_memory=True
         _fail(op, f"grad_output is on {grad_output.device} but main_grad is on {main_grad.device}")
     if check_memory and main_grad.numel() > 0 and grad_output.numel() > 0 and _share_bytes(main_grad, grad_output):
         _fail(op, "main_grad and grad_output overlap in memory; pass a copy of grad_output")
+    check_scalar_tensor(op, alpha_tensor, main_grad.device)
+
+
+def check_wgrad_args(main_grad, grad_output, input, alpha_tensor, check_memory=True):
+    """All checks of one wgrad_accumulate_ call (mirrors csrc/include/memengine/wgrad_checks.h)."""
+    op = "wgrad_accumulate_"
+    if not all(isinstance(t, torch.Tensor) for t in (main_grad, grad_output, input)):
+        _fail(op, "main_grad, grad_output and input must be tensors")
+    if main_grad.dtype != torch.float32:
+        _fail(op, f"main_grad must be float32 (the fp32 gradient buffer), got {main_grad.dtype}")
+    if main_grad.dim() != 2:
+        _fail(op, f"main_grad must be 2-D [out, in], got shape {list(main_grad.shape)}")
+    for name, t in (("grad_output", grad_output), ("input", input)):
+        if t.dtype not in SOURCE_DTYPES:
+            _fail(op, f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if grad_output.dtype != input.dtype:
+        _fail(
+            op,
+            f"grad_output is {grad_output.dtype} but input is {input.dtype}; both must have the same dtype "
+            "(cast one of them, e.g. input.to(grad_output.dtype))",
+        )
+    out_features, in_features = main_grad.shape
+    if grad_output.dim() < 1 or grad_output.shape[-1] != out_features:
+        _fail(
+            op,
+            f"grad_output's last dimension must equal main_grad.shape[0] = {out_features}, "
+            f"got grad_output of shape {list(grad_output.shape)}",
+        )
+    if input.dim() < 1 or input.shape[-1] != in_features:
+        _fail(
+            op,
+            f"input's last dimension must equal main_grad.shape[1] = {in_features}, "
+            f"got input of shape {list(input.shape)}",
+        )
+    if math.prod(grad_output.shape[:-1]) != math.prod(input.shape[:-1]):
+        _fail(
+            op,
+            f"grad_output (shape {list(grad_output.shape)}) and input (shape {list(input.shape)}) must hold the "
+            "same number of tokens (the product of all dimensions but the last)",
+        )
+    for name, t in (("grad_output", grad_output), ("input", input)):
+        if t.device != main_grad.device:
+            _fail(op, f"{name} is on {t.device} but main_grad is on {main_grad.device}")
+    if main_grad.numel() > 0 and (main_grad.stride(1) != 1 or main_grad.stride(0) < in_features):
+        _fail(
+            op,
+            f"main_grad must be a row-major matrix (strides (>= {in_features}, 1)), got strides "
+            f"{list(main_grad.stride())}; pass a contiguous buffer or a row/column slice of one",
+        )
+    if check_memory and main_grad.numel() > 0:
+        for name, t in (("grad_output", grad_output), ("input", input)):
+            if t.numel() > 0 and _share_bytes(main_grad, t):
+                _fail(op, f"main_grad and {name} overlap in memory; pass a copy of {name}")
     check_scalar_tensor(op, alpha_tensor, main_grad.device)

@@ -4,7 +4,7 @@ import torch
 
 from memengine import _backend, _ops
 
-OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
+OPS = ("accumulate_", "multi_accumulate_", "wgrad_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
 
 
 _implementations = {}
@@ -59,6 +59,23 @@ def multi_accumulate_(dsts, srcs, alpha=1.0, overwrite=False):
     alpha_value, alpha_tensor = _split_alpha(alpha)
     device = (dsts or srcs)[0].device
     _run("multi_accumulate_", device.type, dsts, srcs, alpha_value, alpha_tensor, overwrite)
+
+
+def wgrad_accumulate_(main_grad, grad_output, input, alpha=1.0, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * grad_output^T @ input: the weight
+    gradient of a Linear layer, accumulated into its fp32 gradient buffer.
+
+    main_grad: float32 [out, in], row-major (a contiguous tensor or a row/column slice of one).
+    grad_output [..., out] and input [..., in]: the same dtype (bfloat16, float16 or float32) and
+    the same number of tokens (leading dimensions are flattened, without a copy when possible).
+    Products and sums are float32: the product is never rounded to the input dtype, and no
+    [out, in] temporary is allocated by the C++ and CUDA kernels. Zero tokens: nothing to add
+    (with overwrite, main_grad is zeroed). alpha: a Python float or a 0-dim float32 tensor.
+    """
+    alpha_value, alpha_tensor = _split_alpha(alpha)
+    _run(
+        "wgrad_accumulate_", main_grad.device.type, main_grad, grad_output, input, alpha_value, alpha_tensor, overwrite
+    )
 
 
 def bias_grad_accumulate_(main_grad, grad_output, alpha=1.0, overwrite=False):

@@ -18,9 +18,10 @@ if _import_error is None:
         bias_grad_accumulate,
         clip,
         grad_stats,
+        wgrad_accumulate,
     )
 
-OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
+OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_", "wgrad_accumulate_")
 
 
 def interpreting():
