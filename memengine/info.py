@@ -58,6 +58,11 @@ def collect():
             "error": _extension.load_error,
             "build": build,
             "cpu_isa": _extension.C.cpu_isa() if _extension.C is not None else None,
+            "wgrad_cpu_path": (
+                {dtype: _extension.C.wgrad_cpu_path(dtype) for dtype in ("bfloat16", "float16")}
+                if _extension.C is not None
+                else None
+            ),
         },
         "backend_setting": _backend.requested_backend(),
         "backends": _backend.report(ops.OPS),
@@ -84,6 +89,8 @@ def render(info):
             f"  CUDA kernels: {'yes' if build['cuda'] else 'no'}, architectures {archs}, "
             f"CUDA runtime {build['cuda_runtime_version']}",
             f"  CPU kernels: ISA in use {ext['cpu_isa']} (best supported {build['cpu_isa_supported']})",
+            f"  wgrad_accumulate_ CPU GEMM: bfloat16 -> {ext['wgrad_cpu_path']['bfloat16']}, "
+            f"float16 -> {ext['wgrad_cpu_path']['float16']} (MEMENGINE_WGRAD_CPU)",
         ]
     features = info["cpu"]["features"]
     lines += [

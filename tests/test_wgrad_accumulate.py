@@ -111,7 +111,17 @@ def test_unknown_cpu_path_is_an_error():
 @pytest.mark.parametrize("backend", backends_for("cpu", "wgrad_accumulate_"))
 def test_3d_strided_inputs_and_sliced_main_grad(use_backend, backend):
     use_backend(backend)
-    dtype = torch.bfloat16
+    run_strided_cases(torch.bfloat16)
+
+
+@pytest.mark.parametrize("wgrad_cpu_path", CPU_PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_each_cpu_path_with_strided_inputs(use_backend, wgrad_cpu_path, dtype):
+    use_backend("cpp")
+    run_strided_cases(dtype)
+
+
+def run_strided_cases(dtype):
     cases = {
         "3-D": (make((4, 25, 33), dtype, 1), make((4, 25, 17), dtype, 2)),
         "transposed": (make((33, 100), dtype, 1).t(), make((17, 100), dtype, 2).t()),
