@@ -195,16 +195,19 @@ def run_providers(results, provider_list, op, device, args, bytes_moved, min_tim
         if reason:
             results.add(**base, note=f"skipped: {reason}")
             continue
-        call = functools.partial(fn, *args)
         with environment(_backend.ENV_VAR, backend):
-            p20, p50, p80 = measure(call, device, min_time_s=min_time_s)
-            peak = peak_extra_bytes(call, device)
-        results.add(
-            **base,
-            p50_ms=p50 * 1e3,
-            p20_ms=p20 * 1e3,
-            p80_ms=p80 * 1e3,
-            throughput=bytes_moved / p50 / 1e9,
-            unit="GB/s",
-            peak_bytes=peak,
-        )
+            results.add(**base, **timed(functools.partial(fn, *args), device, min_time_s, bytes_moved / 1e9, "GB/s"))
+
+
+def timed(call, device, min_time_s, work, unit):
+    """The timing columns of a row: percentiles of one call, `work` per second in `unit` (work is
+    counted in that unit, e.g. GB or TFLOP), and the extra memory of one call."""
+    p20, p50, p80 = measure(call, device, min_time_s=min_time_s)
+    return dict(
+        p50_ms=p50 * 1e3,
+        p20_ms=p20 * 1e3,
+        p80_ms=p80 * 1e3,
+        throughput=work / p50,
+        unit=unit,
+        peak_bytes=peak_extra_bytes(call, device),
+    )

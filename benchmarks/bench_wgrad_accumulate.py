@@ -121,18 +121,11 @@ def main():
                         fn(main_grad, g, x)  # one call from zero: its error against the oracle
                         max_error = (main_grad.cpu().double() - oracle).abs().max().item()
                         call = functools.partial(fn, main_grad, g, x)
-                        p20, p50, p80 = _common.measure(call, device, min_time_s=args.min_time)
-                        peak = _common.peak_extra_bytes(call, device)
-                    results.add(
-                        **row,
-                        p50_ms=p50 * 1e3,
-                        p20_ms=p20 * 1e3,
-                        p80_ms=p80 * 1e3,
-                        throughput=flops / p50 / 1e12,
-                        unit="TFLOP/s",
-                        peak_bytes=peak,
-                        max_error=max_error,
-                    )
+                        results.add(
+                            **row,
+                            **_common.timed(call, device, args.min_time, flops / 1e12, "TFLOP/s"),
+                            max_error=max_error,
+                        )
                     del main_grad
     if device.type == "cpu" and _extension.C is not None:
         _extension.C.set_wgrad_cpu_path("auto")

@@ -1,6 +1,6 @@
 // memengine's own bf16 x bf16 -> fp32 GEMM for CPUs with AVX512-BF16 (vdpbf16ps), used where
-// MKL has no fast bf16 path (MKL's cblas_gemm_bf16bf16f32 ran at 0.15 TFLOP/s on a 2-core
-// AMD EPYC with AVX512-BF16, below PyTorch's fp32 matmul; see benchmarks/bench_wgrad_accumulate.py).
+// MKL has no fast bf16 path (on a 2-core AMD EPYC with AVX512-BF16, MKL's cblas_gemm_bf16bf16f32
+// took 1.5x to 2.6x this kernel's time; see benchmarks/bench_wgrad_accumulate.py).
 #pragma once
 
 #include <c10/util/BFloat16.h>
