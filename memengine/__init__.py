@@ -1,6 +1,7 @@
 """memengine: memory-efficient training for PyTorch.
 
 Kernels: memengine.ops (fused in-place gradient accumulation into fp32 buffers).
+Gradients: memengine.GradBuffer, memengine.nn.Linear, memengine.patch / unpatch.
 """
 
 from memengine import (
@@ -10,7 +11,9 @@ from memengine import (
 
 _extension._load()
 
-from memengine import ops  # noqa: E402
+from memengine import nn, ops  # noqa: E402
+from memengine.grad_buffer import GradBuffer  # noqa: E402
+from memengine.patching import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["GradBuffer", "nn", "ops", "patch", "unpatch", "__version__"]
