@@ -1,7 +1,8 @@
 """memengine: memory-efficient training for PyTorch.
 
 Kernels: memengine.ops (fused in-place gradient accumulation into fp32 buffers).
-Gradients: memengine.GradBuffer, memengine.nn.Linear, memengine.patch / unpatch.
+Gradients: memengine.GradBuffer, memengine.nn.Linear, memengine.patch / unpatch,
+memengine.MasterOptimizer; training steps: memengine.Engine.
 """
 
 from memengine import (
@@ -12,8 +13,10 @@ from memengine import (
 _extension._load()
 
 from memengine import nn, ops  # noqa: E402
+from memengine.engine import Engine  # noqa: E402
 from memengine.grad_buffer import GradBuffer  # noqa: E402
+from memengine.optim import MasterOptimizer  # noqa: E402
 from memengine.patching import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GradBuffer", "nn", "ops", "patch", "unpatch", "__version__"]
+__all__ = ["Engine", "GradBuffer", "MasterOptimizer", "nn", "ops", "patch", "unpatch", "__version__"]

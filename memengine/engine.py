@@ -1,0 +1,108 @@
+"""Engine: one optimizer step over micro-batches, with gradients accumulated into a GradBuffer.
+
+engine.step(batch, loss_fn) splits `batch` (a tensor, tuple/list or dict of tensors) along
+dim 0 into micro-batches; loss_fn(model, micro_batch) returns (loss_sum, num_tokens). Each
+micro-batch's summed loss is backpropagated unscaled (times the fp16 loss scale), so the
+buffer holds the sum of per-token gradients; the step then divides by the total token count
+once, on the device, inside grad_stats_ (which also measures the norm and counts non-finite
+values). The result equals the full-batch mean-loss gradient whatever the token count of each
+micro-batch. Optional clipping; fp16 uses dynamic loss scaling (a step with a non-finite
+gradient is skipped and the scale halved; it doubles after `growth_interval` good steps).
+
+The loop itself never synchronises with the device; after it, step() reads the non-finite
+count once (to decide whether to step) and returns device tensors in its stats dict.
+"""
+
+import torch
+
+from memengine.optim import MasterOptimizer
+from memengine.patching import patch
+
+
+def split_batch(batch, micro_batch_size):
+    """Micro-batches of `batch` along dim 0 (views, no copies)."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(micro_batch_size))
+    if isinstance(batch, dict):
+        keys = list(batch)
+        parts = [split_batch(batch[k], micro_batch_size) for k in keys]
+        _check_same_count(parts, keys)
+        return [dict(zip(keys, values, strict=True)) for values in zip(*parts, strict=True)]
+    if isinstance(batch, (tuple, list)):
+        parts = [split_batch(item, micro_batch_size) for item in batch]
+        _check_same_count(parts, range(len(batch)))
+        return [type(batch)(values) for values in zip(*parts, strict=True)]
+    raise TypeError(f"Engine.step: a batch must be a tensor, tuple, list or dict of tensors, got {type(batch)}")
+
+
+def _check_same_count(parts, names):
+    counts = {len(p) for p in parts}
+    if len(counts) > 1:
+        sizes = {name: len(p) for name, p in zip(names, parts, strict=True)}
+        raise ValueError(
+            f"Engine.step: the batch's tensors do not split into the same number of micro-batches: {sizes}"
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        optimizer,
+        micro_batch_size,
+        max_norm=None,
+        loss_scale="auto",
+        initial_loss_scale=2.0**16,
+        growth_interval=2000,
+    ):
+        """optimizer: a callable taking an iterable of parameters and returning a torch.optim
+        optimizer (a class, or functools.partial(torch.optim.AdamW, lr=...)). loss_scale: "auto"
+        (dynamic scaling when the model has fp16 parameters, none otherwise), a float (static), or None."""
+        if micro_batch_size < 1:
+            raise ValueError(f"Engine: micro_batch_size must be at least 1, got {micro_batch_size}")
+        self.model = model
+        self.micro_batch_size = micro_batch_size
+        self.max_norm = max_norm
+        self.buffer = patch(model)
+        self.optimizer = MasterOptimizer(optimizer, self.buffer)
+        has_fp16 = any(p.dtype == torch.float16 for p in self.buffer.params)
+        self.dynamic_loss_scale = loss_scale == "auto" and has_fp16
+        if loss_scale == "auto":
+            loss_scale = initial_loss_scale if has_fp16 else None
+        self.loss_scale = float(loss_scale) if loss_scale is not None else 1.0
+        self.growth_interval = growth_interval
+        self._good_steps = 0
+
+    def step(self, batch, loss_fn):
+        device = self.buffer.data.device
+        self.optimizer.zero_grad()
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        tokens_total = torch.zeros((), dtype=torch.float64, device=device)
+        for micro_batch in split_batch(batch, self.micro_batch_size):
+            loss_sum, num_tokens = loss_fn(self.model, micro_batch)
+            (loss_sum * self.loss_scale if self.loss_scale != 1.0 else loss_sum).backward()
+            loss_total += loss_sum.detach().to(torch.float64)
+            tokens_total += torch.as_tensor(num_tokens, dtype=torch.float64, device=device)
+        self.buffer.finish_window()
+        scale = (1.0 / (tokens_total * self.loss_scale)).to(torch.float32)
+        stats = self.buffer.stats(scale)  # buffer /= tokens * loss scale; [norm, non-finite]
+        if self.max_norm is not None:
+            self.buffer.clip_(stats, self.max_norm)
+        skipped = bool(stats[1] > 0)  # the one host synchronisation of the step
+        if skipped:
+            if self.dynamic_loss_scale:
+                self.loss_scale = max(self.loss_scale / 2, 1.0)
+                self._good_steps = 0
+        else:
+            self.optimizer.step()
+            if self.dynamic_loss_scale:
+                self._good_steps += 1
+                if self._good_steps % self.growth_interval == 0:
+                    self.loss_scale *= 2
+        return {
+            "loss": (loss_total / tokens_total).to(torch.float32),
+            "grad_norm": stats[0],
+            "tokens": tokens_total,
+            "skipped": skipped,
+            "loss_scale": self.loss_scale,
+        }
