@@ -1,0 +1,196 @@
+"""Accuracy and memory of gradient accumulation over many micro-batches: memengine's Engine
+against plain PyTorch, on a bf16 GPT-style model (CPU).
+
+Accuracy: the accumulated, token-normalised gradient of one step (all micro-batches), compared
+with an fp64 oracle computed from the same bf16 weights and the same data; the number is
+||g - g64|| / ||g64|| over all parameters. Methods:
+  pytorch-bf16        PyTorch's default: bf16 .grad accumulated by autograd across micro-batches
+  pytorch-fp32-master after each micro-batch, p.grad (bf16) is added into an fp32 buffer and freed
+  pytorch-fp32-master-zeroed  the same, but .grad zeroed in place (zero_grad(set_to_none=False))
+  memengine           memengine.Engine (fused Linear wgrad into fp32, other grads folded at once)
+Memory: the peak of bytes allocated through PyTorch's CPU allocator during one step (the
+profiler's allocation events; persistent buffers allocated before the step are excluded),
+for the fp32-master baseline and for memengine. A bf16 gradient set is 2 bytes per parameter.
+
+  python benchmarks/bench_grad_accumulation.py [--layers 4 --width 256 --micro-batches 64]
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
+import _common  # noqa: E402
+
+import memengine as me  # noqa: E402
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.proj = torch.nn.Linear(width, width)
+        self.norm2 = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 4 * width)
+        self.down = torch.nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attention.transpose(1, 2).reshape(batch, length, width))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class GPT(torch.nn.Module):
+    def __init__(self, vocab=512, width=256, layers=4, heads=4, length=64):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.position = torch.nn.Embedding(length, width)
+        self.blocks = torch.nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def summed_loss(model, tokens):
+    """Next-token loss summed over the micro-batch, and its token count."""
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+    return loss, tokens[:, 1:].numel()
+
+
+def make_models(config, seed=0):
+    """The bf16 model and an fp64 copy holding exactly the same (bf16) values."""
+    torch.manual_seed(seed)
+    model = GPT(**config).to(torch.bfloat16)
+    oracle = GPT(**config).to(torch.float64)
+    oracle.load_state_dict({k: v.to(torch.float64) for k, v in model.state_dict().items()})
+    return model, oracle
+
+
+def make_data(config, micro_batches, rows, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config["vocab"], (micro_batches * rows, config["length"] + 1), generator=generator)
+
+
+def flat(grads):
+    return torch.cat([g.reshape(-1).to(torch.float64) for g in grads])
+
+
+def oracle_gradient(oracle, data, rows):
+    oracle.zero_grad()
+    total = data[:, 1:].numel()
+    for micro_batch in data.split(rows):
+        loss, _ = summed_loss(oracle, micro_batch)
+        (loss / total).backward()
+    return flat(p.grad for p in oracle.parameters())
+
+
+def pytorch_bf16_step(model, data, rows):
+    model.zero_grad()
+    total = data[:, 1:].numel()
+    for micro_batch in data.split(rows):
+        loss, _ = summed_loss(model, micro_batch)
+        (loss / total).backward()  # autograd accumulates into the bf16 .grad
+    return [p.grad for p in model.parameters()]
+
+
+def pytorch_fp32_master_step(model, data, rows, buffers, free_grads):
+    """After each micro-batch, fp32 buffer += bf16 .grad; then .grad is freed (free_grads) or
+    zeroed in place (zero_grad(set_to_none=False), which keeps one bf16 gradient set allocated)."""
+    for b in buffers:
+        b.zero_()
+    total = data[:, 1:].numel()
+    for micro_batch in data.split(rows):
+        loss, _ = summed_loss(model, micro_batch)
+        (loss / total).backward()
+        for p, b in zip(model.parameters(), buffers, strict=True):
+            b.add_(p.grad)  # fp32 += bf16
+        model.zero_grad(set_to_none=free_grads)
+    return buffers
+
+
+def memengine_step(engine, data, rows):
+    engine.step(data, summed_loss)
+    return [p.main_grad for p in engine.model.parameters()]
+
+
+def relative_error(grads, reference):
+    return ((flat(grads) - reference).norm() / reference.norm()).item()
+
+
+def run(config, micro_batches, rows, measure_memory=True):
+    """Returns {method: {"relative_error": ..., "peak_bytes": ...}} and the bf16 gradient-set size."""
+    model, oracle = make_models(config)
+    data = make_data(config, micro_batches, rows)
+    reference = oracle_gradient(oracle, data, rows)
+    results = {}
+
+    grads = pytorch_bf16_step(model, data, rows)
+    results["pytorch-bf16"] = {"relative_error": relative_error(grads, reference)}
+    model.zero_grad(set_to_none=True)
+
+    buffers = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
+    for name, free_grads in (("pytorch-fp32-master", True), ("pytorch-fp32-master-zeroed", False)):
+        model.zero_grad(set_to_none=True)
+        step = functools.partial(pytorch_fp32_master_step, model, data, rows, buffers, free_grads)
+        results[name] = {"relative_error": relative_error(step(), reference)}
+        if measure_memory:
+            model.zero_grad(set_to_none=True)  # each measured step starts without gradients
+            results[name]["peak_bytes"] = _common.peak_extra_bytes(step, torch.device("cpu"))
+    model.zero_grad(set_to_none=True)
+    del buffers
+
+    engine = me.Engine(model, optimizer=functools.partial(torch.optim.SGD, lr=0.0), micro_batch_size=rows)
+    step = functools.partial(memengine_step, engine, data, rows)
+    results["memengine"] = {"relative_error": relative_error(step(), reference)}
+    if measure_memory:
+        results["memengine"]["peak_bytes"] = _common.peak_extra_bytes(step, torch.device("cpu"))
+    me.unpatch(model)
+    gradient_set_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return results, gradient_set_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--micro-batches", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=2, help="sequences per micro-batch")
+    args = parser.parse_args()
+    config = dict(vocab=512, width=args.width, layers=args.layers, heads=4, length=64)
+    results, gradient_set_bytes = run(config, args.micro_batches, args.rows)
+    parameters = gradient_set_bytes // 2
+    print(
+        f"GPT-style bf16 model: {args.layers} layers, width {args.width}, {parameters / 1e6:.2f} M parameters; "
+        f"{args.micro_batches} micro-batches of {args.rows}x{config['length']} tokens; torch {torch.__version__}"
+    )
+    print(f"{'method':<28} {'rel. error vs fp64':>20} {'peak MiB during step':>22}")
+    for method, row in results.items():
+        peak = row.get("peak_bytes")
+        print(f"{method:<28} {row['relative_error']:>20.3e} {'' if peak is None else f'{peak / 2**20:.1f}':>22}")
+    bf16, master, ours = (results[m]["relative_error"] for m in ("pytorch-bf16", "pytorch-fp32-master", "memengine"))
+    print(f"memengine error / fp32-master error: {ours / master:.3f}; / bf16 error: {ours / bf16:.3f}")
+    for baseline in ("pytorch-fp32-master", "pytorch-fp32-master-zeroed"):
+        saved = results[baseline]["peak_bytes"] - results["memengine"]["peak_bytes"]
+        print(
+            f"peak saved vs {baseline}: {saved / 2**20:.1f} MiB "
+            f"(a bf16 gradient set is {gradient_set_bytes / 2**20:.1f} MiB)"
+        )
+
+
+if __name__ == "__main__":
+    main()
