@@ -59,14 +59,11 @@ class _FusedLinearFunction(torch.autograd.Function):
 
 
 def _fused_linear(input, weight, bias, transposed):
-    """Runs the fused function when the weight (or bias) has a main_grad and autograd will need it."""
-    if not torch.is_grad_enabled() or not any(
-        p is not None and p.requires_grad and buffer_of(p) is not None for p in (weight, bias)
-    ):
-        return None
-    # Parameters without a buffer (frozen, or not covered) fall back to autograd through
-    # the plain op, so the fused path is only taken when every trainable one has main_grad.
-    if any(p is not None and p.requires_grad and buffer_of(p) is None for p in (weight, bias)):
+    """The fused function's output when every trainable parameter of the layer has a main_grad
+    and autograd is recording; None otherwise (the caller then runs the plain layer, and any
+    gradient reaches main_grad through the GradBuffer's hooks)."""
+    trainable = [p for p in (weight, bias) if p is not None and p.requires_grad]
+    if not torch.is_grad_enabled() or not trainable or any(buffer_of(p) is None for p in trainable):
         return None
     return _FusedLinearFunction.apply(input, weight, bias, transposed)
 

@@ -12,6 +12,7 @@
 
 #include "memengine/accumulate.h"
 #include "memengine/checks.h"
+#include "memengine/scalar_argument.h"
 #include "simd.h"
 
 namespace memengine::cpu {
@@ -152,8 +153,7 @@ void accumulate_checked(const at::Tensor& dst, const at::Tensor& src, float alph
 float resolve_alpha(const char* op, double alpha, const std::optional<at::Tensor>& alpha_tensor,
                     const at::Device& device) {
   check_scalar_tensor(op, alpha_tensor, device);
-  // A CPU tensor is read on the host at no synchronisation cost.
-  return alpha_tensor.has_value() && alpha_tensor->defined() ? alpha_tensor->item<float>() : static_cast<float>(alpha);
+  return host_scalar(alpha, alpha_tensor);
 }
 
 void check_cpu(const char* op, const at::Tensor& t, const char* name) {

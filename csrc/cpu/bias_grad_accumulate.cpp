@@ -15,6 +15,7 @@
 
 #include "memengine/accumulate.h"
 #include "memengine/bias_grad_checks.h"
+#include "memengine/scalar_argument.h"
 #include "simd.h"
 
 namespace memengine::cpu {
@@ -111,8 +112,7 @@ void bias_grad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_o
                     " but the CPU kernel was called");
   const int64_t columns = main_grad.size(0);
   if (columns == 0) return;
-  const float a =
-      alpha_tensor.has_value() && alpha_tensor->defined() ? alpha_tensor->item<float>() : static_cast<float>(alpha);
+  const float a = host_scalar(alpha, alpha_tensor);
   // A view when the leading dimensions can be flattened; a copy only otherwise.
   at::Tensor g2 = grad_output.reshape({-1, columns});
   if (g2.stride(1) != 1 || g2.stride(0) < columns) g2 = g2.contiguous();

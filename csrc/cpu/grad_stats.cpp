@@ -15,6 +15,7 @@
 
 #include "memengine/grad_stats.h"
 #include "memengine/grad_stats_checks.h"
+#include "memengine/scalar_argument.h"
 #include "simd.h"
 
 namespace memengine::cpu {
@@ -85,8 +86,7 @@ at::Tensor grad_stats_(const at::Tensor& flat, double scale, const std::optional
   check_grad_stats_args(flat, scale_tensor);
   TORCH_CHECK_VALUE(flat.device().is_cpu(), "grad_stats_: flat is on ", flat.device(),
                     " but the CPU kernel was called");
-  const float s =
-      scale_tensor.has_value() && scale_tensor->defined() ? scale_tensor->item<float>() : static_cast<float>(scale);
+  const float s = host_scalar(scale, scale_tensor);
   const int64_t n = flat.numel();
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<BlockStats> partial(static_cast<size_t>(blocks));

@@ -18,6 +18,7 @@
 #include <optional>
 
 #include "bf16_gemm.h"
+#include "memengine/scalar_argument.h"
 #include "memengine/wgrad_checks.h"
 #include "mkl_gemm.h"
 #include "simd.h"
@@ -152,8 +153,7 @@ void wgrad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_outpu
   TORCH_CHECK_VALUE(main_grad.device().is_cpu(), "wgrad_accumulate_: main_grad is on ", main_grad.device(),
                     " but the CPU kernel was called");
   if (main_grad.numel() == 0) return;
-  const float a =
-      alpha_tensor.has_value() && alpha_tensor->defined() ? alpha_tensor->item<float>() : static_cast<float>(alpha);
+  const float a = host_scalar(alpha, alpha_tensor);
   const at::Tensor g = as_token_matrix(grad_output), x = as_token_matrix(input);
   const int64_t tokens = g.size(0), out_features = main_grad.size(0), in_features = main_grad.size(1);
   at::Tensor buffer = main_grad;

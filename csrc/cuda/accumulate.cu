@@ -17,6 +17,7 @@
 
 #include "memengine/accumulate.h"
 #include "memengine/checks.h"
+#include "memengine/scalar_argument.h"
 
 namespace memengine::cuda {
 namespace {
@@ -117,17 +118,12 @@ void dispatch(at::ScalarType src_dtype, bool overwrite, Fn&& fn) {
   }
 }
 
-struct Alpha {
-  const float* device_ptr = nullptr;
-  float value = 1.0f;
-};
+using Alpha = ScalarArgument;
 
 Alpha resolve_alpha(const char* op, double alpha, const std::optional<at::Tensor>& alpha_tensor,
                     const at::Device& device) {
   check_scalar_tensor(op, alpha_tensor, device);
-  if (!alpha_tensor.has_value() || !alpha_tensor->defined()) return {nullptr, static_cast<float>(alpha)};
-  if (alpha_tensor->device().is_cpu()) return {nullptr, alpha_tensor->item<float>()};  // host memory: no sync
-  return {alpha_tensor->const_data_ptr<float>(), 1.0f};
+  return resolve_scalar(alpha, alpha_tensor);
 }
 
 // A pair the kernels can treat as two flat arrays: dense, and both laid out the same way.
@@ -145,7 +141,7 @@ void launch_flat(const at::Tensor& dst, const at::Tensor& src, const Alpha& alph
   dispatch(src.scalar_type(), overwrite, [&](auto src_tag, auto overwrite_tag) {
     using Src = decltype(src_tag);
     accumulate_kernel<Src, decltype(overwrite_tag)::value><<<blocks, kThreads, 0, stream>>>(
-        dst.data_ptr<float>(), static_cast<const Src*>(src.const_data_ptr()), n, alpha.device_ptr, alpha.value);
+        dst.data_ptr<float>(), static_cast<const Src*>(src.const_data_ptr()), n, alpha.device_pointer, alpha.value);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -168,7 +164,7 @@ void launch_batch(TensorBatch& batch, at::ScalarType src_dtype, const Alpha& alp
   const auto blocks = static_cast<unsigned>(batch.first_chunk[batch.count]);
   dispatch(src_dtype, overwrite, [&](auto src_tag, auto overwrite_tag) {
     multi_accumulate_kernel<decltype(src_tag), decltype(overwrite_tag)::value>
-        <<<blocks, kThreads, 0, stream>>>(batch, alpha.device_ptr, alpha.value);
+        <<<blocks, kThreads, 0, stream>>>(batch, alpha.device_pointer, alpha.value);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   batch.count = 0;

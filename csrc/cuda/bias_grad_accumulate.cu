@@ -15,6 +15,7 @@
 
 #include "memengine/accumulate.h"
 #include "memengine/bias_grad_checks.h"
+#include "memengine/scalar_argument.h"
 
 namespace memengine::cuda {
 namespace {
@@ -65,15 +66,7 @@ void bias_grad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_o
   const int64_t columns = main_grad.size(0);
   if (columns == 0) return;
   const c10::cuda::CUDAGuard guard(main_grad.device());
-  const float* alpha_ptr = nullptr;
-  float alpha_value = static_cast<float>(alpha);
-  if (alpha_tensor.has_value() && alpha_tensor->defined()) {
-    if (alpha_tensor->device().is_cpu()) {
-      alpha_value = alpha_tensor->item<float>();  // host memory: no synchronisation
-    } else {
-      alpha_ptr = alpha_tensor->const_data_ptr<float>();
-    }
-  }
+  const ScalarArgument a = resolve_scalar(alpha, alpha_tensor);
   at::Tensor g2 = grad_output.reshape({-1, columns});
   if (g2.stride(1) != 1 || g2.stride(0) < columns) g2 = g2.contiguous();
   const int64_t rows = g2.size(0);
@@ -104,12 +97,12 @@ void bias_grad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_o
   }
   if (overwrite) {
     apply_column_sums_kernel<true><<<column_blocks, kThreads, 0, stream>>>(
-        main_grad.data_ptr<float>(), main_grad.stride(0), partial.const_data_ptr<double>(), chunks, columns, alpha_ptr,
-        alpha_value);
+        main_grad.data_ptr<float>(), main_grad.stride(0), partial.const_data_ptr<double>(), chunks, columns,
+        a.device_pointer, a.value);
   } else {
     apply_column_sums_kernel<false><<<column_blocks, kThreads, 0, stream>>>(
-        main_grad.data_ptr<float>(), main_grad.stride(0), partial.const_data_ptr<double>(), chunks, columns, alpha_ptr,
-        alpha_value);
+        main_grad.data_ptr<float>(), main_grad.stride(0), partial.const_data_ptr<double>(), chunks, columns,
+        a.device_pointer, a.value);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

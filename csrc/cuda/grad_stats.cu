@@ -13,6 +13,7 @@
 
 #include "memengine/grad_stats.h"
 #include "memengine/grad_stats_checks.h"
+#include "memengine/scalar_argument.h"
 
 namespace memengine::cuda {
 namespace {
@@ -86,14 +87,9 @@ at::Tensor grad_stats_(const at::Tensor& flat, double scale, const std::optional
   check_grad_stats_args(flat, scale_tensor);
   TORCH_CHECK_VALUE(flat.is_cuda(), "grad_stats_: flat is on ", flat.device(), " but the CUDA kernel was called");
   const c10::cuda::CUDAGuard guard(flat.device());
-  const bool has_tensor = scale_tensor.has_value() && scale_tensor->defined();
-  const float* scale_ptr = nullptr;
-  float scale_value = static_cast<float>(scale);
-  if (has_tensor && scale_tensor->device().is_cpu()) {
-    scale_value = scale_tensor->item<float>();  // host memory: no synchronisation
-  } else if (has_tensor) {
-    scale_ptr = scale_tensor->const_data_ptr<float>();
-  }
+  const ScalarArgument resolved = resolve_scalar(scale, scale_tensor);
+  const float* scale_ptr = resolved.device_pointer;
+  const float scale_value = resolved.value;
   const bool scaled = scale_ptr != nullptr || scale_value != 1.0f;
   const int64_t n = flat.numel();
   const int64_t partials =

@@ -26,6 +26,7 @@
 #include <climits>
 #include <optional>
 
+#include "memengine/scalar_argument.h"
 #include "memengine/wgrad_checks.h"
 
 namespace memengine::cuda {
@@ -101,8 +102,9 @@ void wgrad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_outpu
   const cudaDataType_t type = blas_type(x2.scalar_type());
 
   // Scalars: host floats, or device floats [alpha, beta, 1] when alpha_tensor lives on the GPU.
-  const bool device_alpha = alpha_tensor.has_value() && alpha_tensor->defined() && alpha_tensor->is_cuda();
-  float host_scalars[3] = {static_cast<float>(alpha), overwrite ? 0.0f : 1.0f, 1.0f};
+  const ScalarArgument resolved = resolve_scalar(alpha, alpha_tensor);
+  const bool device_alpha = resolved.device_pointer != nullptr;
+  const float host_scalars[3] = {resolved.value, overwrite ? 0.0f : 1.0f, 1.0f};
   at::Tensor device_scalars;
   const float* scalars = host_scalars;
   if (device_alpha) {
@@ -110,8 +112,6 @@ void wgrad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_outpu
     device_scalars.select(0, 0).copy_(*alpha_tensor);
     if (overwrite) device_scalars.select(0, 1).zero_();
     scalars = device_scalars.const_data_ptr<float>();
-  } else if (alpha_tensor.has_value() && alpha_tensor->defined()) {
-    host_scalars[0] = alpha_tensor->item<float>();  // host memory: no synchronisation
   }
 
   const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // binds the current stream
