@@ -13,10 +13,22 @@ from memengine import (
 _extension._load()
 
 from memengine import nn, ops  # noqa: E402
+from memengine.checkpoint import CheckpointError, checkpoint  # noqa: E402
 from memengine.engine import Engine  # noqa: E402
 from memengine.grad_buffer import GradBuffer  # noqa: E402
 from memengine.optim import MasterOptimizer  # noqa: E402
 from memengine.patching import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "GradBuffer", "MasterOptimizer", "nn", "ops", "patch", "unpatch", "__version__"]
+__all__ = [
+    "CheckpointError",
+    "Engine",
+    "GradBuffer",
+    "MasterOptimizer",
+    "nn",
+    "ops",
+    "checkpoint",
+    "patch",
+    "unpatch",
+    "__version__",
+]

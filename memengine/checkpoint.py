@@ -1,0 +1,186 @@
+"""me.checkpoint: activation checkpointing on saved-tensor hooks, a drop-in for
+torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs).
+
+During the forward, every tensor autograd would save is replaced by its position in the order
+of saving, and nothing is kept. The first time backward needs one of them, `fn` runs again
+(same inputs, same RNG state, same autocast state) under hooks that collect the tensors saved
+in that same order, stopping as soon as the last one needed is there. Because nothing depends
+on how `fn` is written, kwargs, nested structures, non-tensor outputs, torch.autograd.grad,
+backward(inputs=...), inputs that do not require grad and nested checkpoints all work.
+
+Beyond torch:
+- The recomputation does not update module state a second time: in-place writes to tensors that
+  existed before it started (BatchNorm's running statistics and num_batches_tracked) go to
+  throwaway copies, so a checkpointed BatchNorm ends up exactly as without checkpointing.
+- Fused gradient accumulation (memengine.nn.Linear into main_grad) happens once per backward,
+  because the recomputed graph is never differentiated.
+- debug=True keeps the original tensors and compares each recomputed one with it by value,
+  raising CheckpointError that names the first one that differs (the op that made it).
+"""
+
+import contextlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class CheckpointError(RuntimeError):
+    """The recomputation did not reproduce the forward."""
+
+
+class _StopRecompute(Exception):
+    """Raised inside the recomputation once every needed tensor has been collected."""
+
+
+class _Frame:
+    def __init__(self, fn, args, kwargs, preserve_rng_state, debug):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.debug = debug
+        self.count = 0  # tensors saved by the forward
+        self.originals = []  # (tensor, label) per saved tensor, debug mode only
+        self.recomputed = None
+        self.autocast = {
+            device: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if device == "cpu" or torch.cuda.is_available()
+        }
+        self.rng = None
+        if preserve_rng_state:
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            cuda_devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+            self.rng = (
+                torch.get_rng_state(),
+                cuda_devices,
+                [torch.cuda.get_rng_state(d) for d in cuda_devices],
+            )
+
+    # forward: remember positions only
+    def pack(self, tensor):
+        index = self.count
+        self.count += 1
+        if self.debug:
+            label = type(tensor.grad_fn).__name__ if tensor.grad_fn is not None else "an input or parameter"
+            self.originals.append((tensor.detach(), label))
+        return index
+
+    def unpack(self, index):
+        if self.recomputed is None:
+            self._recompute()
+        tensor = self.recomputed[index]
+        if tensor is None:
+            raise CheckpointError(
+                f"checkpoint: saved tensor {index} was not reproduced by the recomputation (it saved "
+                f"{sum(t is not None for t in self.recomputed)} of {self.count}); the function must "
+                "run the same operations on every call"
+            )
+        return tensor
+
+    def _recompute(self):
+        self.recomputed = [None] * self.count
+        position = 0
+
+        def collect(tensor):
+            nonlocal position
+            if position < self.count:
+                self.recomputed[position] = tensor.detach()
+            position += 1
+            if position >= self.count:
+                raise _StopRecompute  # everything needed is here: skip the rest of fn
+            return None
+
+        with contextlib.ExitStack() as stack:
+            if self.rng is not None:
+                cpu_state, cuda_devices, cuda_states = self.rng
+                stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+                torch.set_rng_state(cpu_state)
+                for device, state in zip(cuda_devices, cuda_states, strict=True):
+                    torch.cuda.set_rng_state(state, device)
+            for device, (enabled, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(_NoStateUpdates())
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(collect, _never_unpacked))
+            try:
+                if self.count > 0:
+                    self.fn(*self.args, **self.kwargs)
+            except _StopRecompute:
+                pass
+        if self.debug:
+            self._compare()
+
+    def _compare(self):
+        for index, ((original, label), again) in enumerate(zip(self.originals, self.recomputed, strict=True)):
+            same = (
+                again is not None
+                and original.shape == again.shape
+                and original.dtype == again.dtype
+                and torch.equal(original, again)
+            )
+            if not same:
+                detail = "missing" if again is None else f"max difference {_max_difference(original, again)}"
+                raise CheckpointError(
+                    f"checkpoint(debug=True): recomputed tensor {index} (saved by {label}) differs from the "
+                    f"forward's: {detail}. Non-determinism (an unseeded random op, a nondeterministic kernel) "
+                    "or state the function reads and changes makes recomputation unsafe."
+                )
+
+
+def _max_difference(a, b):
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"shape/dtype {tuple(a.shape)}/{a.dtype} vs {tuple(b.shape)}/{b.dtype}"
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _never_unpacked(_):
+    raise CheckpointError("checkpoint: the recomputed graph is not meant to be differentiated")
+
+
+class _NoStateUpdates(TorchDispatchMode):
+    """During recomputation, in-place writes to tensors that existed before it started go to
+    copies: module state (BatchNorm statistics) is updated by the forward only."""
+
+    def __init__(self):
+        super().__init__()
+        self.created = set()  # storage addresses of tensors made during the recomputation
+
+    # These update running_mean/running_var (arguments 3 and 4) in place without saying so in
+    # their schemas.
+    _UNANNOTATED_BATCH_NORMS = ("aten::native_batch_norm", "aten::cudnn_batch_norm", "aten::miopen_batch_norm")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        if schema.name in self._UNANNOTATED_BATCH_NORMS:
+            args = [a.clone() if i in (3, 4) and self._foreign(a) else a for i, a in enumerate(args)]
+        elif schema.is_mutable:
+            args, kwargs = list(args), dict(kwargs)
+            for position, argument in enumerate(schema.arguments):
+                if argument.alias_info is None or not argument.alias_info.is_write:
+                    continue
+                if argument.kwarg_only or position >= len(args):
+                    value = kwargs.get(argument.name)
+                    if self._foreign(value):
+                        kwargs[argument.name] = value.clone()
+                elif self._foreign(args[position]):
+                    args[position] = args[position].clone()
+        out = func(*args, **kwargs)
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for result, tensor in zip(schema.returns, outputs, strict=False):
+            # New memory only: a view or an in-place result aliases something that already existed.
+            if isinstance(tensor, torch.Tensor) and result.alias_info is None:
+                self.created.add(tensor.untyped_storage().data_ptr())
+        return out
+
+    def _foreign(self, value):
+        return isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in self.created
+
+
+def checkpoint(fn, *args, preserve_rng_state=True, debug=False, **kwargs):
+    """Runs fn(*args, **kwargs) without keeping the tensors autograd would save; backward
+    recomputes them. See the module docstring."""
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    frame = _Frame(fn, args, kwargs, preserve_rng_state, debug)
+    with torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack):
+        return fn(*args, **kwargs)
