@@ -8,6 +8,7 @@
 
 #include "cpu/simd.h"
 #include "cpu/wgrad_accumulate.h"
+#include "plan/optimal_plan.h"
 
 #if defined(MEMENGINE_WITH_CUDA)
 namespace memengine::cuda {
@@ -65,4 +66,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_wgrad_cpu_path", [](const std::string& name) { memengine::cpu::set_wgrad_path(name); },
       "Choose the CPU GEMM of wgrad_accumulate_: 'auto', 'mkl', 'avx512_bf16' or 'chunked'. For tests and benchmarks.");
+  m.def(
+      "optimal_plan",
+      [](int64_t n, const std::vector<double>& stored, const std::vector<double>& peak, const std::vector<double>& cost,
+         double last_output, double budget) -> std::optional<std::vector<std::tuple<int64_t, int64_t, int>>> {
+        const auto plan = memengine::plan::optimal_plan(n, stored, peak, cost, last_output, budget);
+        if (!plan) return std::nullopt;
+        std::vector<std::tuple<int64_t, int64_t, int>> segments;
+        for (const auto& s : *plan) segments.emplace_back(s.start, s.end, s.policy);
+        return segments;
+      },
+      "memengine.plan's optimal dynamic program: [(start, end, policy index)] or None.");
 }

@@ -12,7 +12,7 @@ from memengine import (
 
 _extension._load()
 
-from memengine import nn, ops  # noqa: E402
+from memengine import nn, ops, plan  # noqa: E402
 from memengine.checkpoint import CheckpointError, checkpoint  # noqa: E402
 from memengine.engine import Engine  # noqa: E402
 from memengine.grad_buffer import GradBuffer  # noqa: E402
@@ -27,6 +27,7 @@ __all__ = [
     "MasterOptimizer",
     "nn",
     "ops",
+    "plan",
     "checkpoint",
     "patch",
     "unpatch",
