@@ -18,6 +18,7 @@ from memengine.engine import Engine  # noqa: E402
 from memengine.grad_buffer import GradBuffer  # noqa: E402
 from memengine.optim import MasterOptimizer  # noqa: E402
 from memengine.patching import patch, unpatch  # noqa: E402
+from memengine.segment import segment  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "plan",
     "checkpoint",
     "patch",
+    "segment",
     "unpatch",
     "__version__",
 ]

@@ -27,6 +27,13 @@ feasible plans of that prefix, which makes "optimal" exact under this model.
 
 import dataclasses
 import math
+import statistics
+import time as _time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from memengine import _extension
 
@@ -268,3 +275,144 @@ def report(chain, plan):
         f"{result['recompute_flops']:.4g} FLOPs"
     )
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# profile(): measuring a chain
+
+# Ops whose outputs the "selective" policy keeps (the expensive ones to recompute).
+SELECTIVE_KEPT_OPS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::convolution",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_flash_attention_forward",
+        "aten::_efficient_attention_forward",
+    }
+)
+# Time model on the meta device (no kernels run): matmul-like ops at this rate in FLOP/s, all
+# other ops at this rate in bytes written per second. Only ratios matter to the solver.
+META_FLOPS_PER_SECOND = 100e12
+META_BYTES_PER_SECOND = 1e12
+
+
+def _storage_key(t):
+    return t.untyped_storage()._cdata
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records, per output storage, which op made it, and the time spent in matmul-like ops and
+    in the others (measured, or modelled on the meta device)."""
+
+    def __init__(self, measure):
+        super().__init__()
+        self.measure = measure
+        self.producer = {}  # storage key -> op name
+        self.kept_time = 0.0
+        self.other_time = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = _time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = _time.perf_counter() - start
+        name = func._schema.name
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        kept = name in SELECTIVE_KEPT_OPS
+        if not self.measure:
+            formula = flop_registry.get(func._overloadpacket)
+            if kept and formula is not None:
+                elapsed = formula(*args, **(kwargs or {}), out_val=out) / META_FLOPS_PER_SECOND
+            else:
+                elapsed = sum(t.numel() * t.element_size() for t in outputs) / META_BYTES_PER_SECOND
+        if kept:
+            self.kept_time += elapsed
+        else:
+            self.other_time += elapsed
+        for t in outputs:
+            self.producer.setdefault(_storage_key(t), name)
+        return out
+
+
+def _tensor_bytes(value):
+    return sum(t.numel() * t.element_size() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor))
+
+
+def _hidden_state(output):
+    """What the next block receives: the output, or the first element of a tuple output."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _profile_block(block, args, kwargs, measure):
+    parameters = {_storage_key(p) for p in block.parameters()}
+    input_keys = {_storage_key(t) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+    saved = {}  # storage key -> (bytes, tensor's storage key)
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in parameters:
+            saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    recorder = _OpRecorder(measure)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
+            output = block(*args, **kwargs)
+    selective = sum(
+        size for key, size in saved.items() if key in input_keys or recorder.producer.get(key) in SELECTIVE_KEPT_OPS
+    )
+    forward_time = recorder.kept_time + recorder.other_time
+    if measure:  # the recorder's per-op timing adds overhead: time the block again on its own
+        samples = []
+        with torch.no_grad():
+            block(*args, **kwargs)  # warm-up
+        for _ in range(3):
+            start = _time.perf_counter()
+            with torch.no_grad():
+                block(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples.append(_time.perf_counter() - start)
+        share = recorder.other_time / forward_time if forward_time > 0 else 0.0
+        forward_time = statistics.median(samples)
+        selective_time = forward_time * share
+    else:
+        selective_time = recorder.other_time
+    return output, {
+        "input_bytes": _tensor_bytes(args[0]),
+        "saved_bytes": sum(saved.values()),
+        "selective_bytes": selective,
+        "output_bytes": _tensor_bytes(_hidden_state(output)),
+        "forward_time": forward_time,
+        "selective_time": selective_time,
+        "forward_flops": counter.get_total_flops(),
+        "selective_flops": 0,  # FLOPs are counted for matmul-like ops only, which selective keeps
+    }
+
+
+def profile(blocks, *sample_args, **sample_kwargs):
+    """Measures a chain: runs `blocks` (an nn.Sequential or a list of modules) with grad, calling
+    each as block(hidden, *sample_args[1:], **sample_kwargs), where hidden is sample_args[0] for
+    the first block and the previous block's output (its first element if a tuple) after that:
+    the nn.Sequential pattern and the Hugging Face decoder-layer pattern. Saved bytes are
+    deduplicated by storage, parameters excluded. On the meta device nothing runs: sizes come from
+    shapes and time from FLOPs and bytes (META_* rates)."""
+    blocks = list(blocks)
+    if not blocks or not sample_args:
+        raise ValueError("profile: needs at least one block and a sample input")
+    tensors = [t for t in tree_flatten((sample_args, sample_kwargs))[0] if isinstance(t, torch.Tensor)]
+    measure = not any(t.device.type == "meta" for t in tensors)
+    fields = {f.name: [] for f in dataclasses.fields(Chain) if f.name != "names"}
+    hidden, extra = sample_args[0], sample_args[1:]
+    with torch.enable_grad():
+        for block in blocks:
+            output, measured = _profile_block(block, (hidden, *extra), sample_kwargs, measure)
+            for name, value in measured.items():
+                fields[name].append(value)
+            hidden = _hidden_state(output)
+    return Chain(**fields, names=[type(b).__name__ for b in blocks])

@@ -100,3 +100,50 @@ def test_128_blocks_solve_within_a_second():
     elapsed = time.perf_counter() - start
     assert me_plan.simulate(chain, plan)["peak_bytes"] <= budget
     assert elapsed < 1.0, f"{elapsed:.2f} s"
+
+
+def test_profile_counts_saved_bytes_by_storage_without_parameters():
+    import torch
+
+    blocks = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+    )
+    chain = me_plan.profile(blocks, torch.randn(4, 8))
+    assert chain.names == ["Linear", "ReLU", "LayerNorm", "Linear"]
+    assert chain.input_bytes == [128, 256, 256, 256]
+    # Linear saves its input (the weight is a parameter), ReLU its output, LayerNorm its input
+    # plus mean and rstd ([4, 1] each), the last Linear its input.
+    assert chain.saved_bytes == [128, 256, 256 + 2 * 16, 256]
+    # Selective keeps block inputs and matmul outputs: ReLU's output is recomputed.
+    assert chain.selective_bytes == [128, 0, 256, 256]
+    assert chain.output_bytes == [256, 256, 256, 64]
+    assert chain.forward_flops == [2 * 4 * 8 * 16, 0, 0, 2 * 4 * 16 * 4]
+    assert all(t > 0 for t in chain.forward_time)
+
+
+def test_profile_on_the_meta_device_plans_a_large_model_from_shapes():
+    import torch
+
+    width, tokens = 4096, 4096
+    with torch.device("meta"):  # 1.1 B parameters, never allocated
+        blocks = torch.nn.Sequential(
+            *[
+                torch.nn.Sequential(
+                    torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
+                )
+                for _ in range(8)
+            ]
+        )
+    start = time.perf_counter()
+    chain = me_plan.profile(blocks, torch.empty(tokens, width, device="meta", dtype=torch.float32))
+    assert time.perf_counter() - start < 5
+    hidden = tokens * width * 4
+    assert chain.input_bytes == [hidden] * 8 and chain.output_bytes == [hidden] * 8
+    # input (first block only: later inputs are outputs of a matmul and saved too), the first
+    # Linear's output, GELU's input (the same storage) and GELU's output
+    assert chain.saved_bytes[1] == hidden + 4 * hidden + 4 * hidden
+    assert chain.forward_flops[0] == 2 * 2 * tokens * width * 4 * width
+    budget = me_plan.simulate(chain, me_plan.solve(chain, method="sqrt"))["peak_bytes"]
+    optimal = me_plan.simulate(chain, me_plan.solve(chain, budget))
+    sqrt = me_plan.simulate(chain, me_plan.solve(chain, method="sqrt"))
+    assert optimal["peak_bytes"] <= budget and optimal["recompute_cost"] <= sqrt["recompute_cost"]

@@ -1,0 +1,133 @@
+"""me.segment: applies a recompute plan in place to an nn.Sequential or to an nn.ModuleList whose
+blocks the model calls in a loop (the Hugging Face decoder pattern).
+
+Modules are not wrapped or moved (state_dict keys and parameters stay as they are): the first
+block of each recomputed or selective segment gets an instance-level forward that runs the
+whole segment (each block with the hidden state of the previous one and the call's other
+arguments) under checkpointing, and the segment's other blocks get a forward that hands that
+result on. "recompute" segments use me.checkpoint; "selective" segments use torch's selective
+activation checkpointing, keeping the outputs of matmul-like ops. handle.remove() restores the
+original forwards.
+"""
+
+import contextlib
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from memengine import plan as plan_module
+from memengine.checkpoint import _NoStateUpdates, checkpoint
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _run_blocks(blocks, hidden, args, kwargs):
+    """Runs blocks one after the other; each gets the previous hidden state plus args/kwargs."""
+    output = None
+    for block in blocks:
+        output = block._memengine_original_forward(hidden, *args, **kwargs)
+        hidden = _hidden(output)
+    return output
+
+
+def _keep_matmul_outputs(ctx, op, *args, **kwargs):
+    name = op._schema.name if hasattr(op, "_schema") else str(op)
+    if name in plan_module.SELECTIVE_KEPT_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    """torch's selective-checkpoint contexts, with module state protected during recomputation
+    as in me.checkpoint (BatchNorm statistics updated once)."""
+    forward_context, recompute_context = create_selective_checkpoint_contexts(_keep_matmul_outputs)
+
+    @contextlib.contextmanager
+    def recompute():
+        with _NoStateUpdates(), recompute_context:  # torch's mode on top: it sees each op as in the forward
+            yield
+
+    return forward_context, recompute()
+
+
+def _selective_checkpoint(fn, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+
+
+class SegmentHandle:
+    def __init__(self, blocks, plan):
+        self.blocks, self.plan = blocks, plan
+
+    def remove(self):
+        for block in self.blocks:
+            for name in ("forward", "_memengine_original_forward", "_memengine_segment_output"):
+                block.__dict__.pop(name, None)
+
+
+def _install(blocks, plan):
+    for block in blocks:
+        if "_memengine_original_forward" in block.__dict__:
+            raise ValueError("segment: these blocks already carry a plan; call .remove() on its handle first")
+    for segment in plan:
+        members = blocks[segment.start : segment.end]
+        for block in members:
+            block._memengine_original_forward = block.forward
+        if segment.policy == "keep":
+            continue
+        runner = checkpoint if segment.policy == "recompute" else _selective_checkpoint
+        head, rest = members[0], members[1:]
+
+        def run_segment(hidden, *args, _members=members, _runner=runner, **kwargs):
+            output = _runner(_run_blocks, _members, hidden, args, kwargs)
+            for block in _members[1:]:
+                block._memengine_segment_output = output
+            return output
+
+        head.forward = run_segment
+        for block in rest:
+
+            def hand_on(*args, _block=block, **kwargs):
+                # The segment's first block already ran this one: return what the segment produced.
+                return _block.__dict__.pop("_memengine_segment_output")
+
+            block.forward = hand_on
+
+
+def segment(blocks, plan=None, budget=None, sample=None):
+    """Applies `plan` (a list of memengine.plan.Segment), or the optimal plan for `budget` bytes
+    after profiling with `sample`, to `blocks` in place; returns a handle with .remove().
+
+    sample: for an nn.Sequential, its input (a tensor or a tuple of arguments); for an
+    nn.ModuleList, a zero-argument callable that runs one forward of the whole model (memengine
+    records how each block is called)."""
+    blocks = list(blocks)
+    if plan is None:
+        if budget is None or sample is None:
+            raise ValueError("segment: pass a plan, or a budget together with a sample to profile")
+        plan = plan_module.solve(_profile(blocks, sample), budget)
+    plan_module._check_plan(range(len(blocks)), plan)
+    _install(blocks, plan)
+    return SegmentHandle(blocks, plan)
+
+
+def _profile(blocks, sample):
+    if not callable(sample):
+        return plan_module.profile(blocks, *(sample if isinstance(sample, tuple) else (sample,)))
+    calls = []
+    hooks = [
+        block.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+        for block in blocks
+    ]
+    try:
+        with torch.no_grad():
+            sample()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(calls) != len(blocks):
+        raise ValueError(f"segment: the sample forward called the blocks {len(calls)} times, expected {len(blocks)}")
+    args, kwargs = calls[0]
+    hidden = args[0].detach().requires_grad_(args[0].is_floating_point())  # as in training
+    return plan_module.profile(blocks, hidden, *args[1:], **kwargs)
