@@ -1,4 +1,4 @@
-"""Command line: `python -m memengine info [--json]`."""
+"""Command line: `python -m memengine info [--json]`, `python -m memengine plan --budget 24GiB ...`."""
 
 import argparse
 
@@ -8,7 +8,12 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, build, CPU features and the backend of each op")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    from memengine import plan_cli
+
+    plan_cli.add_arguments(commands.add_parser("plan", help="plan recomputation for a GPT-style model on meta"))
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        raise SystemExit(plan_cli.run(args))
     if args.command == "info":
         from memengine import info as info_module
 

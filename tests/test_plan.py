@@ -147,3 +147,22 @@ def test_profile_on_the_meta_device_plans_a_large_model_from_shapes():
     optimal = me_plan.simulate(chain, me_plan.solve(chain, budget))
     sqrt = me_plan.simulate(chain, me_plan.solve(chain, method="sqrt"))
     assert optimal["peak_bytes"] <= budget and optimal["recompute_cost"] <= sqrt["recompute_cost"]
+
+
+def test_plan_command_plans_a_model_on_meta(capsys):
+    from memengine.__main__ import main
+    from memengine.plan_cli import parse_bytes
+
+    assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("512M") == 512 * 2**20 and parse_bytes("100") == 100
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_bytes("lots")
+    args = ["plan", "--layers", "4", "--hidden", "256", "--heads", "4", "--seq", "128"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--budget", "64MiB"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "baselines" in out and "sqrt" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--budget", "1KiB"])
+    assert exit_info.value.code == 1
+    assert "smallest feasible budget is" in capsys.readouterr().out
