@@ -30,6 +30,13 @@ CSV_FIELDS = [
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def add_common_arguments(parser, csv_name):
+    """--device, --min-time and --csv, as every benchmark takes them."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per measurement")
+    parser.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "results", csv_name))
+
+
 def git_sha():
     try:
         return subprocess.run(

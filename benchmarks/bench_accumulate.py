@@ -41,9 +41,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per measurement")
-    parser.add_argument("--csv", default=os.path.join(_common.ROOT, "benchmarks", "results", "accumulate.csv"))
+    _common.add_common_arguments(parser, "accumulate.csv")
     args = parser.parse_args()
 
     device = torch.device(args.device)

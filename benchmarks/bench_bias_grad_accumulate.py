@@ -38,9 +38,7 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 16384])
     parser.add_argument("--out", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per measurement")
-    parser.add_argument("--csv", default=os.path.join(_common.ROOT, "benchmarks", "results", "bias_grad.csv"))
+    _common.add_common_arguments(parser, "bias_grad.csv")
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -41,9 +41,7 @@ def memengine_grad_stats(flat, scale):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per measurement")
-    parser.add_argument("--csv", default=os.path.join(_common.ROOT, "benchmarks", "results", "grad_stats.csv"))
+    _common.add_common_arguments(parser, "grad_stats.csv")
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -84,9 +84,7 @@ def main():
         "--weights", nargs="+", default=["1024x1024", "4096x1024", "1024x4096", "4096x4096"], help="out x in"
     )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per measurement")
-    parser.add_argument("--csv", default=os.path.join(_common.ROOT, "benchmarks", "results", "wgrad.csv"))
+    _common.add_common_arguments(parser, "wgrad.csv")
     args = parser.parse_args()
 
     device = torch.device(args.device)

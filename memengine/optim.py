@@ -13,8 +13,9 @@ import torch
 class MasterOptimizer:
     def __init__(self, optimizer_cls, buffer, **kwargs):
         self.buffer = buffer
-        low = [p for p in buffer.params if p.dtype != torch.float32]
-        self.master_data = torch.empty(buffer.data.numel(), dtype=torch.float32, device=buffer.data.device)
+        self.master_data = None  # allocated only when some parameter is not fp32
+        if any(p.dtype != torch.float32 for p in buffer.params):
+            self.master_data = torch.empty(buffer.data.numel(), dtype=torch.float32, device=buffer.data.device)
         self.masters = []  # (model parameter, master parameter) in buffer order
         for p, offset in zip(buffer.params, buffer.offsets, strict=True):
             if p.dtype == torch.float32:
@@ -25,8 +26,6 @@ class MasterOptimizer:
                 master = torch.nn.Parameter(view)  # shares master_data's storage
             self.masters.append((p, master))
         self._low_precision = [(p, m) for p, m in self.masters if p.dtype != torch.float32]
-        if not low:
-            self.master_data = None  # nothing to hold
         self.optimizer = optimizer_cls([m for _, m in self.masters], **kwargs)
 
     @property

@@ -19,16 +19,12 @@ from memengine import plan as plan_module
 from memengine.checkpoint import _NoStateUpdates, checkpoint
 
 
-def _hidden(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _run_blocks(blocks, hidden, args, kwargs):
     """Runs blocks one after the other; each gets the previous hidden state plus args/kwargs."""
     output = None
     for block in blocks:
         output = block._memengine_original_forward(hidden, *args, **kwargs)
-        hidden = _hidden(output)
+        hidden = plan_module._hidden_state(output)
     return output
 
 

@@ -114,10 +114,12 @@ MEMENGINE_TARGET_AVX512_BF16 void micro_tile(int64_t pairs, const uint32_t* a, c
 }  // namespace
 
 bool bf16_gemm_supported() {
-  __builtin_cpu_init();
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                                __builtin_cpu_supports("avx512bf16");
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
   return supported;
 }
 

@@ -43,10 +43,14 @@ std::optional<WgradPath> parse_path(const std::string& name) {
 
 // AMX-BF16 (CPUID.(EAX=7,ECX=0):EDX[22]): MKL then multiplies bf16 on tile units, far faster
 // than any AVX-512 kernel (FACTS.md: 21 ms against 37.5 ms for PyTorch's lossy path on such a Xeon).
+// Read once: under a hypervisor every cpuid traps, and choose_path() runs on each call.
 bool has_amx_bf16() {
 #if defined(MEMENGINE_X86_SIMD)
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && ((edx >> 22) & 1u) != 0;
+  static const bool present = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && ((edx >> 22) & 1u) != 0;
+  }();
+  return present;
 #else
   return false;
 #endif
