@@ -39,7 +39,9 @@ class _Frame:
         self.debug = debug
         self.count = 0  # tensors saved by the forward
         self.originals = []  # (tensor, label) per saved tensor, debug mode only
-        self.recomputed = None
+        self.recomputed = None  # per saved tensor, until backward takes it
+        self.task = None  # the backward (graph task) the recomputation was made for
+        self.reproduced = 0  # tensors the last recomputation saved
         self.autocast = {
             device: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
             for device in ("cpu", "cuda")
@@ -65,27 +67,32 @@ class _Frame:
         return index
 
     def unpack(self, index):
-        if self.recomputed is None:
-            self._recompute()
+        task = torch._C._current_graph_task_id()
+        if self.recomputed is None or task != self.task:  # the first need in this backward
+            self.task = task
+            self._recompute(self.count)
+        elif self.recomputed[index] is None:  # needed a second time in this backward (ctx.saved_tensors read twice)
+            self._recompute(index + 1, only=index)
         tensor = self.recomputed[index]
         if tensor is None:
             raise CheckpointError(
                 f"checkpoint: saved tensor {index} was not reproduced by the recomputation (it saved "
-                f"{sum(t is not None for t in self.recomputed)} of {self.count}); the function must "
-                "run the same operations on every call"
+                f"{self.reproduced} of {self.count}); the function must run the same operations on every call"
             )
+        self.recomputed[index] = None  # autograd's node holds it now and frees it once it has run
         return tensor
 
-    def _recompute(self):
-        self.recomputed = [None] * self.count
-        position = 0
+    def _recompute(self, needed, only=None):
+        """Reruns fn until it has saved `needed` tensors; keeps them all, or just tensor `only`."""
+        if self.recomputed is None or only is None:
+            self.recomputed = [None] * self.count
+        self.reproduced = 0
 
         def collect(tensor):
-            nonlocal position
-            if position < self.count:
-                self.recomputed[position] = tensor.detach()
-            position += 1
-            if position >= self.count:
+            if only is None or self.reproduced == only:
+                self.recomputed[self.reproduced] = tensor.detach()
+            self.reproduced += 1
+            if self.reproduced >= needed:
                 raise _StopRecompute  # everything needed is here: skip the rest of fn
             return None
 
@@ -102,11 +109,10 @@ class _Frame:
             stack.enter_context(_NoStateUpdates())
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(collect, _never_unpacked))
             try:
-                if self.count > 0:
-                    self.fn(*self.args, **self.kwargs)
+                self.fn(*self.args, **self.kwargs)
             except _StopRecompute:
                 pass
-        if self.debug:
+        if self.debug and only is None:
             self._compare()
 
     def _compare(self):

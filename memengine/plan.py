@@ -3,23 +3,37 @@ usual baselines.
 
 A chain describes n blocks run one after the other. Per block i:
   input_bytes[i]        the tensor entering the block
-  saved_bytes[i]        what autograd saves when the block runs with grad (parameters excluded)
-  selective_bytes[i]    what it saves under the "selective" policy (matmul-like outputs kept)
+  saved_bytes[i]        what autograd saves when the block runs with grad (parameters excluded;
+                        its input included when the block saves it: input_saved[i])
+  selective_bytes[i]    what it saves under the "selective" policy (input and matmul-like outputs)
   output_bytes[i]       the tensor leaving it (and the gradient flowing back into it)
+  forward_extra_bytes[i]   temporaries of its forward: the peak of what it allocates, minus what
+                        is still alive when it returns
+  backward_extra_bytes[i]  temporaries of its backward (intermediate gradients, its input's
+                        gradient): the peak of what it allocates above what it held when it began
   forward_time[i], selective_time[i]   cost of recomputing all of it / its non-kept part
-  forward_flops[i], selective_flops[i]
+  forward_flops[i], selective_flops[i], backward_time[i]
+  tail_time[i], tail_flops[i]   the work after its last saved tensor, which a recomputation that
+                        ends with this block skips (recomputation stops at the last saved tensor)
 
 A plan cuts the chain into contiguous segments, each "keep" (saves everything), "selective"
 (each block keeps selective_bytes and recomputes the rest right before its backward) or
 "recompute" (keeps only the segment's input; backward reruns the whole segment forward, then
 goes through it block by block).
 
-Memory model (what simulate() adds up; S = bytes stored by the segments before the current one):
-  forward of block i:   S + stored so far in its segment + saved_bytes[i] + output_bytes[i]
-  end of forward:       everything stored + output_bytes[last]
-  backward of block i:  S + (recompute: segment input) + bytes held by the blocks of its segment
-                        up to i (keep/recompute: saved_bytes; selective: selective_bytes, block i
-                        itself saved_bytes) + output_bytes[i] (the incoming gradient)
+Memory model: the peak of live bytes that the forward and backward create (activations, their
+gradients, temporaries; not parameters, their gradients or optimizer state). With S = bytes
+stored by the segments before the current one, own[i] = saved_bytes[i] without the input, and
+held = what the segment holds so far:
+  forward of block i      S + held + input[i] + own[i] + output[i] + forward_extra[i]
+                          (recompute: held = the segment's input, own[i] is an upper bound)
+  end of forward          everything stored + output[last]
+  recompute, block j      S + segment input + the recomputed blocks before j + the forward of j
+                          as above + output[last of segment] (the incoming gradient is alive)
+  selective, block i      S + held + saved[i] + output[i] + forward_extra[i] (its recomputation)
+  backward of block i     S + held (keep: saved of blocks up to i; selective: their selective
+                          bytes, block i's saved; recompute: input + recomputed blocks up to i)
+                          + output[i] (the incoming gradient) + backward_extra[i]
 Each term only grows with S, so a plan's feasibility is decided segment by segment; solve()
 keeps, for every prefix of the chain, the Pareto set of (stored bytes, recompute cost) of
 feasible plans of that prefix, which makes "optimal" exact under this model.
@@ -29,6 +43,7 @@ import dataclasses
 import math
 import statistics
 import time as _time
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,6 +51,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from memengine import _extension
+from memengine.live_bytes import LiveBytes
 
 POLICIES = ("keep", "selective", "recompute")
 METHODS = ("optimal", "sqrt", "uniform", "none", "all")
@@ -52,21 +68,31 @@ class Chain:
     forward_flops: list = None
     selective_flops: list = None
     names: list = None
+    input_saved: list = None  # default: every block saves its input
+    forward_extra_bytes: list = None  # default: 0
+    backward_extra_bytes: list = None  # default: 0
+    backward_time: list = None  # default: 0 (unknown)
+    tail_time: list = None  # default: 0
+    tail_flops: list = None  # default: 0
 
     def __post_init__(self):
         n = len(self.saved_bytes)
         if n == 0:
             raise ValueError("Chain: a chain needs at least one block")
-        self.forward_flops = self.forward_flops or [0] * n
-        self.selective_flops = self.selective_flops or [0] * n
-        self.names = self.names or [f"block {i}" for i in range(n)]
+        defaults = {"names": [f"block {i}" for i in range(n)], "input_saved": [True] * n}
         for field in dataclasses.fields(self):
+            if getattr(self, field.name) is None:
+                setattr(self, field.name, defaults.get(field.name, [0] * n))
             values = getattr(self, field.name)
             if len(values) != n:
                 raise ValueError(f"Chain: {field.name} has {len(values)} entries for {n} blocks")
 
     def __len__(self):
         return len(self.saved_bytes)
+
+    def own_bytes(self, i):
+        """Block i's saved bytes without its input."""
+        return self.saved_bytes[i] - (self.input_bytes[i] if self.input_saved[i] else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,28 +113,47 @@ class InfeasibleBudgetError(ValueError):
 
 def _profiles_from(chain, start):
     """For each end = start + 1, ..., n: {policy: (bytes the segment [start, end) stores, the largest
-    term of the memory model relative to the bytes stored before it, recompute time, flops)}."""
-    saved, selective, out = chain.saved_bytes, chain.selective_bytes, chain.output_bytes
-    entry = chain.input_bytes[start]
-    held = entry  # recompute: its input plus the recomputed blocks up to i
-    recompute_peak = keep_stored = keep_peak = selective_stored = selective_peak = 0
+    term of the memory model (module docstring) relative to the bytes stored before it, recompute
+    time, flops)}."""
+    inputs, saved, selective, out = chain.input_bytes, chain.saved_bytes, chain.selective_bytes, chain.output_bytes
+    forward_extra, backward_extra = chain.forward_extra_bytes, chain.backward_extra_bytes
+    entry = inputs[start]
+    keep_held = keep_peak = selective_held = selective_peak = 0
+    recompute_held = entry  # the segment's input plus the recomputed blocks so far
+    recompute_forward = recompute_backward = 0  # largest terms, without the incoming gradient
+    recompute_again = 0  # largest recomputation term, without the incoming gradient
     time = flops = selective_time = selective_flops = 0
     for i in range(start, len(chain)):
-        recompute_peak = max(recompute_peak, entry + saved[i] + out[i])  # its forward
-        held += saved[i]
-        recompute_peak = max(recompute_peak, held + out[i])  # its backward, after the recomputation
-        time += chain.forward_time[i]
-        flops += chain.forward_flops[i]
-        keep_peak = max(keep_peak, keep_stored + saved[i] + out[i])  # forward and backward of block i
-        keep_stored += saved[i]
-        selective_peak = max(selective_peak, selective_stored + saved[i] + out[i])
-        selective_stored += selective[i]
+        own = chain.own_bytes(i)
+        forward = inputs[i] + own + out[i] + forward_extra[i]  # block i's forward, above what is held
+        backward = saved[i] + out[i] + backward_extra[i]  # block i's backward, above what is held
+
+        keep_peak = max(keep_peak, keep_held + forward, keep_held + backward)
+        keep_held += saved[i]
+
+        selective_peak = max(
+            selective_peak,
+            selective_held + forward,
+            selective_held + saved[i] + out[i] + forward_extra[i],  # its recomputation
+            selective_held + backward,
+        )
+        selective_held += selective[i]
         selective_time += chain.selective_time[i]
         selective_flops += chain.selective_flops[i]
+
+        recomputed_input = 0 if i == start else inputs[i]  # the segment's input is held already
+        recompute_forward = max(recompute_forward, entry + recomputed_input + own + out[i] + forward_extra[i])
+        recompute_again = max(recompute_again, recompute_held + recomputed_input + own + out[i] + forward_extra[i])
+        recompute_held += own + (inputs[i] if chain.input_saved[i] and i > start else 0)
+        recompute_backward = max(recompute_backward, recompute_held + out[i] + backward_extra[i])
+        time += chain.forward_time[i]
+        flops += chain.forward_flops[i]
+        recompute_peak = max(recompute_forward, recompute_again + out[i], recompute_backward)
         yield {
-            "keep": (keep_stored, keep_peak, 0, 0),
-            "selective": (selective_stored, selective_peak, selective_time, selective_flops),
-            "recompute": (entry, recompute_peak, time, flops),
+            "keep": (keep_held, keep_peak, 0, 0),
+            "selective": (selective_held, selective_peak, selective_time, selective_flops),
+            # the recomputation stops at the last tensor the segment's last block saves
+            "recompute": (entry, recompute_peak, time - chain.tail_time[i], flops - chain.tail_flops[i]),
         }
 
 
@@ -229,14 +274,13 @@ def _uniform(chain, size, policy):
 
 def _sqrt(chain):
     """What torch.utils.checkpoint.checkpoint_sequential(blocks, segments=round(sqrt(n))) does:
-    equal segments, all recomputed except the last, which runs normally."""
+    segments - 1 recomputed segments of n // segments blocks, then the rest run normally."""
     n = len(chain)
     segments = max(1, round(math.sqrt(n)))
-    size = math.ceil(n / segments)
-    plan = _uniform(chain, size, "recompute")
-    last = plan[-1]
-    plan[-1] = Segment(last.start, last.end, "keep")
-    return plan
+    size = n // segments
+    plan = _uniform(chain, size, "recompute")[: segments - 1]
+    start = plan[-1].end if plan else 0
+    return plan + [Segment(start, n, "keep")]
 
 
 def solve(chain, budget_bytes=None, method="optimal", segment_blocks=None):
@@ -307,13 +351,15 @@ def _storage_key(t):
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Records, per output storage, which op made it, and the time spent in matmul-like ops and
-    in the others (measured, or modelled on the meta device)."""
+    """Records the bytes of the outputs of matmul-like ops (what selective checkpointing caches,
+    whether autograd saves them or not) and the time spent in those ops and in the others
+    (measured, or modelled on the meta device)."""
 
     def __init__(self, measure):
         super().__init__()
         self.measure = measure
-        self.producer = {}  # storage key -> op name
+        self.kept = {}  # storage key -> weak reference to a matmul-like output on that storage
+        self.kept_bytes = 0  # bytes of their distinct storages
         self.kept_time = 0.0
         self.other_time = 0.0
 
@@ -334,8 +380,11 @@ class _OpRecorder(TorchDispatchMode):
             self.kept_time += elapsed
         else:
             self.other_time += elapsed
-        for t in outputs:
-            self.producer.setdefault(_storage_key(t), name)
+        for t in outputs if kept else ():
+            key = _storage_key(t)
+            if key not in self.kept or self.kept[key]() is None:  # new (a freed storage's address is reused)
+                self.kept_bytes += t.untyped_storage().nbytes()
+            self.kept[key] = weakref.ref(t)
         return out
 
 
@@ -348,49 +397,98 @@ def _hidden_state(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _drop_gradient(tensor):
+    tensor.grad = None
+
+
+def _median_seconds(fn, repeats=3):
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        begin = _time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(_time.perf_counter() - begin)
+    return statistics.median(samples)
+
+
 def _profile_block(block, args, kwargs, measure):
-    parameters = {_storage_key(p) for p in block.parameters()}
-    input_keys = {_storage_key(t) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
-    saved = {}  # storage key -> (bytes, tensor's storage key)
+    """Runs one block forward and backward on its own and measures it (see profile()). The block
+    runs on detached copies of its parameters and input whose gradients are dropped as soon as
+    they are accumulated, so the user's .grad, main_grad and gradient hooks are left alone."""
+    leaves = {name: p.detach().requires_grad_(p.requires_grad) for name, p in block.named_parameters()}
+    hidden = args[0].detach().requires_grad_(args[0].is_floating_point())
+    for leaf in [hidden, *leaves.values()]:
+        if leaf.requires_grad:
+            leaf.register_post_accumulate_grad_hook(_drop_gradient)
+    args = (hidden, *args[1:])
+    # Parameters and the other arguments (masks, position embeddings) are shared by the blocks
+    # and alive anyway: not counted as saved.
+    shared = {
+        _storage_key(t) for t in [*leaves.values(), *tree_flatten((args[1:], kwargs))[0]] if isinstance(t, torch.Tensor)
+    }
+    saved = {}  # storage key -> bytes
+    recorder = _OpRecorder(measure)
+    counter = FlopCounterMode(display=False)
+    at_last_save = (0, 0.0)  # FLOPs and time done when autograd saved its last tensor
 
     def pack(t):
+        nonlocal at_last_save
         key = _storage_key(t)
-        if key not in parameters:
+        if key not in shared:
             saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+        at_last_save = (counter.get_total_flops(), recorder.kept_time + recorder.other_time)
         return t
 
-    recorder = _OpRecorder(measure)
-    with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
-            output = block(*args, **kwargs)
-    selective = sum(
-        size for key, size in saved.items() if key in input_keys or recorder.producer.get(key) in SELECTIVE_KEPT_OPS
-    )
+    def run():
+        return torch.func.functional_call(block, leaves, args, kwargs)
+
+    with LiveBytes() as live:
+        with counter:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
+                output = run()
+        forward_extra = live.peak - live.mark()
+        target = _hidden_state(output)
+        backward_extra = 0
+        if target.requires_grad:
+            gradient = torch.ones_like(target)
+            before = live.mark()
+            torch.autograd.backward(target, gradient)
+            backward_extra = live.window_peak - before
+    # Selective checkpointing holds the block's input and every matmul-like output.
+    selective = _tensor_bytes(hidden) + recorder.kept_bytes
     forward_time = recorder.kept_time + recorder.other_time
+    flops = counter.get_total_flops()
+    # A recomputation stops at the last saved tensor: the work after it is skipped.
+    tail_share = (forward_time - at_last_save[1]) / forward_time if forward_time > 0 else 0.0
     if measure:  # the recorder's per-op timing adds overhead: time the block again on its own
-        samples = []
-        with torch.no_grad():
-            block(*args, **kwargs)  # warm-up
-        for _ in range(3):
-            start = _time.perf_counter()
-            with torch.no_grad():
-                block(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            samples.append(_time.perf_counter() - start)
         share = recorder.other_time / forward_time if forward_time > 0 else 0.0
-        forward_time = statistics.median(samples)
+        with torch.no_grad():
+            forward_time = _median_seconds(run)
         selective_time = forward_time * share
+        backward_time = 0.0
+        if target.requires_grad:
+            backward_time = max(
+                0.0, _median_seconds(lambda: torch.autograd.backward(_hidden_state(run()), gradient)) - forward_time
+            )
     else:
         selective_time = recorder.other_time
+        backward_time = 2 * forward_time  # the usual estimate: two matmuls per forward matmul
     return output, {
         "input_bytes": _tensor_bytes(args[0]),
         "saved_bytes": sum(saved.values()),
+        "input_saved": _storage_key(hidden) in saved,
         "selective_bytes": selective,
-        "output_bytes": _tensor_bytes(_hidden_state(output)),
+        "output_bytes": _tensor_bytes(target),
+        "forward_extra_bytes": forward_extra,
+        "backward_extra_bytes": backward_extra,
         "forward_time": forward_time,
         "selective_time": selective_time,
-        "forward_flops": counter.get_total_flops(),
+        "backward_time": backward_time,
+        "forward_flops": flops,
+        "tail_time": forward_time * tail_share,
+        "tail_flops": flops - at_last_save[0],
         "selective_flops": 0,  # FLOPs are counted for matmul-like ops only, which selective keeps
     }
 
@@ -399,9 +497,13 @@ def profile(blocks, *sample_args, **sample_kwargs):
     """Measures a chain: runs `blocks` (an nn.Sequential or a list of modules) with grad, calling
     each as block(hidden, *sample_args[1:], **sample_kwargs), where hidden is sample_args[0] for
     the first block and the previous block's output (its first element if a tuple) after that:
-    the nn.Sequential pattern and the Hugging Face decoder-layer pattern. Saved bytes are
-    deduplicated by storage, parameters excluded. On the meta device nothing runs: sizes come from
-    shapes and time from FLOPs and bytes (META_* rates)."""
+    the nn.Sequential pattern and the Hugging Face decoder-layer pattern. Each block also runs a
+    backward (gradient of ones) to measure its temporaries, with live bytes counted by
+    LiveBytes. Saved bytes are deduplicated by storage, parameters excluded. On the meta device
+    nothing runs: sizes come from shapes and time from FLOPs and bytes (META_* rates).
+
+    No side effects: the blocks' .grad, main_grad and hooks are untouched (gradients go to
+    detached copies and are dropped) and their buffers (BatchNorm statistics) are restored."""
     blocks = list(blocks)
     if not blocks or not sample_args:
         raise ValueError("profile: needs at least one block and a sample input")
@@ -411,8 +513,14 @@ def profile(blocks, *sample_args, **sample_kwargs):
     hidden, extra = sample_args[0], sample_args[1:]
     with torch.enable_grad():
         for block in blocks:
-            output, measured = _profile_block(block, (hidden, *extra), sample_kwargs, measure)
+            state = [(b, b.clone()) for b in block.buffers()]
+            try:
+                output, measured = _profile_block(block, (hidden, *extra), sample_kwargs, measure)
+            finally:
+                with torch.no_grad():
+                    for buffer, value in state:
+                        buffer.copy_(value)
             for name, value in measured.items():
                 fields[name].append(value)
-            hidden = _hidden_state(output)
+            hidden = _hidden_state(output).detach()
     return Chain(**fields, names=[type(b).__name__ for b in blocks])

@@ -5,9 +5,10 @@ Modules are not wrapped or moved (state_dict keys and parameters stay as they ar
 block of each recomputed or selective segment gets an instance-level forward that runs the
 whole segment (each block with the hidden state of the previous one and the call's other
 arguments) under checkpointing, and the segment's other blocks get a forward that hands that
-result on. "recompute" segments use me.checkpoint; "selective" segments use torch's selective
-activation checkpointing, keeping the outputs of matmul-like ops. handle.remove() restores the
-original forwards.
+result on. "recompute" segments use me.checkpoint; in "selective" segments each block runs under
+torch's selective activation checkpointing on its own, keeping its input and the outputs of
+matmul-like ops and recomputing the rest right before its own backward (as plan's memory model
+assumes). handle.remove() restores the original forwards.
 """
 
 import contextlib
@@ -67,28 +68,35 @@ def _install(blocks, plan):
         if "_memengine_original_forward" in block.__dict__:
             raise ValueError("segment: these blocks already carry a plan; call .remove() on its handle first")
     for segment in plan:
-        members = blocks[segment.start : segment.end]
-        for block in members:
+        for block in blocks[segment.start : segment.end]:
             block._memengine_original_forward = block.forward
         if segment.policy == "keep":
             continue
-        runner = checkpoint if segment.policy == "recompute" else _selective_checkpoint
-        head, rest = members[0], members[1:]
+        if segment.policy == "recompute":
+            _install_checkpoint(blocks[segment.start : segment.end], checkpoint)
+        else:  # each block recomputes its own non-kept part right before its backward
+            for block in blocks[segment.start : segment.end]:
+                _install_checkpoint([block], _selective_checkpoint)
 
-        def run_segment(hidden, *args, _members=members, _runner=runner, **kwargs):
-            output = _runner(_run_blocks, _members, hidden, args, kwargs)
-            for block in _members[1:]:
-                block._memengine_segment_output = output
-            return output
 
-        head.forward = run_segment
+def _install_checkpoint(members, runner):
+    """The first member's forward runs all members under `runner`; the others hand its result on."""
+    head, rest = members[0], members[1:]
+
+    def run_segment(hidden, *args, **kwargs):
+        output = runner(_run_blocks, members, hidden, args, kwargs)
         for block in rest:
+            block._memengine_segment_output = output
+        return output
 
-            def hand_on(*args, _block=block, **kwargs):
-                # The segment's first block already ran this one: return what the segment produced.
-                return _block.__dict__.pop("_memengine_segment_output")
+    head.forward = run_segment
+    for block in rest:
 
-            block.forward = hand_on
+        def hand_on(*args, _block=block, **kwargs):
+            # The segment's first block already ran this one: return what the segment produced.
+            return _block.__dict__.pop("_memengine_segment_output")
+
+        block.forward = hand_on
 
 
 def segment(blocks, plan=None, budget=None, sample=None):

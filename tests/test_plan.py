@@ -13,14 +13,21 @@ from memengine.plan import Chain, Segment
 
 
 def random_chain(rng, n):
-    saved = [rng.randint(1, 100) for _ in range(n)]
+    inputs = [rng.randint(1, 20) for _ in range(n)]
+    input_saved = [rng.random() < 0.7 for _ in range(n)]
+    saved = [rng.randint(1, 100) + (i if s else 0) for i, s in zip(inputs, input_saved, strict=True)]
+    forward_time = [rng.uniform(0.5, 2.0) for _ in range(n)]
     return Chain(
-        input_bytes=[rng.randint(1, 20) for _ in range(n)],
+        input_bytes=inputs,
         saved_bytes=saved,
         selective_bytes=[rng.randint(0, s) for s in saved],
         output_bytes=[rng.randint(1, 20) for _ in range(n)],
-        forward_time=[rng.uniform(0.5, 2.0) for _ in range(n)],
+        forward_time=forward_time,
         selective_time=[rng.uniform(0.0, 0.5) for _ in range(n)],
+        tail_time=[rng.uniform(0.0, t / 2) for t in forward_time],
+        input_saved=input_saved,
+        forward_extra_bytes=[rng.randint(0, 30) for _ in range(n)],
+        backward_extra_bytes=[rng.randint(0, 60) for _ in range(n)],
     )
 
 
@@ -114,8 +121,10 @@ def test_profile_counts_saved_bytes_by_storage_without_parameters():
     # Linear saves its input (the weight is a parameter), ReLU its output, LayerNorm its input
     # plus mean and rstd ([4, 1] each), the last Linear its input.
     assert chain.saved_bytes == [128, 256, 256 + 2 * 16, 256]
-    # Selective keeps block inputs and matmul outputs: ReLU's output is recomputed.
-    assert chain.selective_bytes == [128, 0, 256, 256]
+    assert chain.input_saved == [True, False, True, True]
+    # Selective holds each block's input and every matmul output (saved or not): ReLU's output is
+    # recomputed.
+    assert chain.selective_bytes == [128 + 256, 256, 256, 256 + 64]
     assert chain.output_bytes == [256, 256, 256, 64]
     assert chain.forward_flops == [2 * 4 * 8 * 16, 0, 0, 2 * 4 * 16 * 4]
     assert all(t > 0 for t in chain.forward_time)

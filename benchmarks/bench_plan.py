@@ -1,0 +1,197 @@
+"""The recompute planner against measurement and against torch's checkpoint_sequential (CPU, fp32).
+
+For each chain, every plan runs one real training step (forward, then backward of a loss that
+reads the chain's output without a temporary of its size; parameter gradients preallocated, as
+they are not activation memory) and is measured three ways:
+  live peak    peak of live tensor bytes the step creates (memengine.plan.LiveBytes, a dispatch
+               mode: sees every op, also on the meta device; the number simulate() predicts)
+  alloc peak   peak of bytes through PyTorch's CPU allocator (profiler memory events: also sees
+               kernels' scratch; the only one that sees torch.compile's buffers)
+  recompute    matmul FLOPs of the step (FlopCounterMode) minus those of the plain step
+and timed (median step time, as a ratio to the plain eager step in the same run).
+
+Chains: a GPT-style transformer (homogeneous) and residual MLP blocks whose hidden widths vary
+from 1x to 32x the model width (heterogeneous). Rows:
+  eager, torch.compile        the chain as is, no checkpointing
+  checkpoint_sequential       torch's, with round(sqrt(n)) segments, use_reentrant=False
+  none / sqrt / all           memengine plans (sqrt: checkpoint_sequential's plan)
+  budget k/7                  "optimal" for 8 budgets from keeping everything down to the
+                              smallest feasible one (prediction error, budget and monotonicity)
+  optimal @ ckpt_seq peak     "optimal" with the budget set to checkpoint_sequential's measured
+                              live peak: the anchor comparison
+
+  python benchmarks/bench_plan.py [--blocks 16 --width 128 --seq 256 --batch 2]
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
+import _common  # noqa: E402
+
+import memengine as me  # noqa: E402
+from memengine.plan import LiveBytes  # noqa: E402
+from memengine.transformer import Block  # noqa: E402
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, hidden)
+        self.down = torch.nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+def transformer_chain(args):
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(*[Block(args.width, args.heads) for _ in range(args.blocks)])
+    return blocks, torch.randn(args.batch, args.seq, args.width)
+
+
+def heterogeneous_chain(args):
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    hidden = [args.width * 2 ** rng.randint(0, 5) for _ in range(args.blocks)]
+    blocks = torch.nn.Sequential(*[Mlp(args.width, h) for h in hidden])
+    return blocks, torch.randn(args.batch * args.seq, args.width)
+
+
+class Step:
+    """One training step of `blocks` run by `forward` (default: the blocks as they are)."""
+
+    def __init__(self, blocks, base, forward=None):
+        self.blocks, self.base, self.forward = blocks, base, forward or blocks
+        self.weights = torch.randn(base.numel(), generator=torch.Generator().manual_seed(1))
+        for p in blocks.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def __call__(self):
+        x = self.base.clone().requires_grad_()
+        (self.forward(x).reshape(-1) @ self.weights).backward()
+
+
+def measure(step, device, min_time):
+    with LiveBytes() as live:
+        step()
+    with FlopCounterMode(display=False) as flops:
+        step()
+    _, p50, _ = _common.measure(step, device, min_time_s=min_time)
+    return {
+        "live": live.peak,
+        "alloc": _common.peak_extra_bytes(step, device),
+        "flops": flops.get_total_flops(),
+        "seconds": p50,
+    }
+
+
+def run_chain(name, blocks, base, args):
+    device = torch.device("cpu")
+    chain = me.plan.profile(blocks, base)
+    n = len(chain)
+    print(
+        f"\n{name}: {n} blocks, input {tuple(base.shape)}, {sum(p.numel() for p in blocks.parameters()):,} parameters"
+    )
+    print(
+        f"{'plan':<26} {'budget':>10} {'predicted':>10} {'live peak':>10} {'error':>7} {'alloc peak':>10} "
+        f"{'recompute':>10} {'simulated':>10} {'time':>6}  segments"
+    )
+    eager = measure(Step(blocks, base), device, args.min_time)
+
+    def row(label, result, budget=None, plan=None):
+        predicted = me.plan.simulate(chain, plan) if plan is not None else None
+        cells = [
+            label,
+            budget or "",
+            "",
+            result["live"],
+            "",
+            result["alloc"],
+            f"{result['flops'] - eager['flops']:.4g}",
+            "",
+        ]
+        if predicted:
+            cells[2] = predicted["peak_bytes"]
+            cells[4] = f"{100 * (predicted['peak_bytes'] - result['live']) / result['live']:+.2f}%"
+            cells[7] = f"{predicted['recompute_flops']:.4g}"
+        segments = " ".join(f"{s.start}-{s.end - 1}{s.policy[0]}" for s in plan) if plan else ""
+        print(
+            f"{cells[0]:<26} {cells[1]:>10} {cells[2]:>10} {cells[3]:>10} {cells[4]:>7} {cells[5]:>10} {cells[6]:>10} "
+            f"{cells[7]:>10} {result['seconds'] / eager['seconds']:>5.2f}x  {segments}",
+            flush=True,
+        )
+        return predicted
+
+    def run_plan(label, plan, budget=None):
+        handle = me.segment(blocks, plan=plan)
+        try:
+            result = measure(Step(blocks, base), device, args.min_time)
+        finally:
+            handle.remove()
+        return result, row(label, result, budget, plan)
+
+    row("eager", eager)
+    row("torch.compile", measure(Step(blocks, base, torch.compile(blocks)), device, args.min_time))
+    segments = max(1, round(math.sqrt(n)))
+    torch_sqrt = measure(
+        Step(blocks, base, lambda x: checkpoint_sequential(blocks, segments, x, use_reentrant=False)),
+        device,
+        args.min_time,
+    )
+    row("checkpoint_sequential", torch_sqrt)
+    for method in ("none", "sqrt", "all"):
+        run_plan(method, me.plan.solve(chain, method=method))
+
+    largest = me.plan.simulate(chain, me.plan.solve(chain, method="none"))["peak_bytes"]
+    smallest = me.plan.smallest_feasible_budget(chain)
+    sweep = []
+    for k in range(8):
+        budget = largest - (largest - smallest) * k // 7
+        result, predicted = run_plan(f"budget {k}/7", me.plan.solve(chain, budget), budget)
+        sweep.append((budget, result["live"], predicted["peak_bytes"]))
+
+    budget = torch_sqrt["live"]
+    anchor, _ = run_plan("optimal @ ckpt_seq peak", me.plan.solve(chain, budget), budget)
+    torch_flops = torch_sqrt["flops"] - eager["flops"]
+    ours = anchor["flops"] - eager["flops"]
+    worst = max(abs(p - m) / m for _, m, p in sweep)
+    print(
+        f"prediction over the sweep: worst error {100 * worst:.2f}%; measured <= budget + 8 bytes of loss in "
+        f"{sum(m <= b + 8 for b, m, _ in sweep)}/8; measured never rises as the budget falls: "
+        f"{all(b2 <= b1 for (_, b1, _), (_, b2, _) in zip(sweep, sweep[1:], strict=False))}"
+    )
+    print(
+        f"anchor: at checkpoint_sequential's peak ({budget:,} bytes) optimal recomputes {ours:.4g} FLOPs against "
+        f"{torch_flops:.4g}: {ours / torch_flops if torch_flops else float('nan'):.2f}x; its peak {anchor['live']:,}; "
+        f"step time {anchor['seconds'] / torch_sqrt['seconds']:.2f}x checkpoint_sequential's"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per timing")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, git {_common.git_sha()}")
+    run_chain("transformer (homogeneous)", *transformer_chain(args), args)
+    run_chain("residual MLPs, hidden 1x-32x (heterogeneous)", *heterogeneous_chain(args), args)
+
+
+if __name__ == "__main__":
+    main()
