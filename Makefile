@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=64" wheel ninja cmake numpy pytest expecttest
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=64" wheel ninja cmake numpy pytest expecttest transformers==5.23.0
 	touch $@
 
 # --no-build-isolation: compile against the torch in $(VENV), never a second copy (README, "Installing").

@@ -6,8 +6,10 @@ micro-batch's summed loss is backpropagated unscaled (times the fp16 loss scale)
 buffer holds the sum of per-token gradients; the step then divides by the total token count
 once, on the device, inside grad_stats_ (which also measures the norm and counts non-finite
 values). The result equals the full-batch mean-loss gradient whatever the token count of each
-micro-batch. Optional clipping; fp16 uses dynamic loss scaling (a step with a non-finite
-gradient is skipped and the scale halved; it doubles after `growth_interval` good steps).
+micro-batch. Optional: an activation budget (a recompute plan applied to the model's blocks
+with me.segment at the first step), clipping, and for fp16 dynamic loss scaling (a step with a
+non-finite gradient is skipped and the scale halved; it doubles after `growth_interval` good
+steps).
 
 The loop itself never synchronises with the device; after it, step() reads the non-finite
 count once (to decide whether to step) and returns device tensors in its stats dict.
@@ -17,6 +19,8 @@ import torch
 
 from memengine.optim import MasterOptimizer
 from memengine.patching import patch
+from memengine.plan_cli import parse_bytes
+from memengine.segment import repeated_blocks, segment
 
 
 def split_batch(batch, micro_batch_size):
@@ -54,12 +58,22 @@ class Engine:
         loss_scale="auto",
         initial_loss_scale=2.0**16,
         growth_interval=2000,
+        budget=None,
+        blocks=None,
     ):
         """optimizer: a callable taking an iterable of parameters and returning a torch.optim
         optimizer (a class, or functools.partial(torch.optim.AdamW, lr=...)). loss_scale: "auto"
-        (dynamic scaling when the model has fp16 parameters, none otherwise), a float (static), or None."""
+        (dynamic scaling when the model has fp16 parameters, none otherwise), a float (static), or None.
+        budget: activation bytes (an int, or a string such as "6GiB") one micro-batch's forward and
+        backward of the model's blocks may take; the first step profiles `blocks` (default: the
+        model's largest nn.ModuleList of same-type modules, e.g. a Hugging Face model's layers) on
+        its first micro-batch and applies the optimal recompute plan with me.segment
+        (engine.segment_handle holds it)."""
         if micro_batch_size < 1:
             raise ValueError(f"Engine: micro_batch_size must be at least 1, got {micro_batch_size}")
+        self.budget = parse_bytes(budget) if isinstance(budget, str) else budget
+        self.blocks = blocks
+        self.segment_handle = None
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.max_norm = max_norm
@@ -78,7 +92,13 @@ class Engine:
         self.optimizer.zero_grad()
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
         tokens_total = torch.zeros((), dtype=torch.float64, device=device)
-        for micro_batch in split_batch(batch, self.micro_batch_size):
+        micro_batches = split_batch(batch, self.micro_batch_size)
+        if self.budget is not None and self.segment_handle is None:
+            blocks = self.blocks if self.blocks is not None else repeated_blocks(self.model)
+            self.segment_handle = segment(
+                blocks, budget=self.budget, sample=lambda: loss_fn(self.model, micro_batches[0])
+            )
+        for micro_batch in micro_batches:
             loss_sum, num_tokens = loss_fn(self.model, micro_batch)
             (loss_sum * self.loss_scale if self.loss_scale != 1.0 else loss_sum).backward()
             loss_total += loss_sum.detach().to(torch.float64)

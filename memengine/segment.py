@@ -12,6 +12,7 @@ assumes). handle.remove() restores the original forwards.
 """
 
 import contextlib
+import warnings
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -54,8 +55,11 @@ def _selective_checkpoint(fn, *args, **kwargs):
 
 
 class SegmentHandle:
-    def __init__(self, blocks, plan):
-        self.blocks, self.plan = blocks, plan
+    """What me.segment applied: .plan, .chain (the profile it was solved from, or None when the
+    plan was given) and .remove()."""
+
+    def __init__(self, blocks, plan, chain=None):
+        self.blocks, self.plan, self.chain = blocks, plan, chain
 
     def remove(self):
         for block in self.blocks:
@@ -79,11 +83,32 @@ def _install(blocks, plan):
                 _install_checkpoint([block], _selective_checkpoint)
 
 
+# Key/value-cache arguments of Hugging Face decoder layers, and their "off" values.
+_CACHE_ARGUMENTS = {"use_cache": False, "past_key_value": None, "past_key_values": None, "layer_past": None}
+
+
+def _without_caches(kwargs):
+    """A recomputed block must not write a key/value cache: its recomputation would write it a
+    second time and read its own entries back. As Hugging Face does under gradient checkpointing,
+    caching is switched off for the segment (with a warning); training does not use the cache."""
+    on = [name for name, off in _CACHE_ARGUMENTS.items() if kwargs.get(name, off) is not off]  # singletons
+    if not on:
+        return kwargs
+    warnings.warn(
+        f"me.segment: {', '.join(on)} switched off for recomputed blocks: caching is incompatible with "
+        "recomputation (pass use_cache=False when training)",
+        stacklevel=2,
+    )
+    return {**kwargs, **{name: _CACHE_ARGUMENTS[name] for name in on}}
+
+
 def _install_checkpoint(members, runner):
     """The first member's forward runs all members under `runner`; the others hand its result on."""
     head, rest = members[0], members[1:]
 
     def run_segment(hidden, *args, **kwargs):
+        if torch.is_grad_enabled():
+            kwargs = _without_caches(kwargs)
         output = runner(_run_blocks, members, hidden, args, kwargs)
         for block in rest:
             block._memengine_segment_output = output
@@ -107,13 +132,15 @@ def segment(blocks, plan=None, budget=None, sample=None):
     nn.ModuleList, a zero-argument callable that runs one forward of the whole model (memengine
     records how each block is called)."""
     blocks = list(blocks)
+    chain = None
     if plan is None:
         if budget is None or sample is None:
             raise ValueError("segment: pass a plan, or a budget together with a sample to profile")
-        plan = plan_module.solve(_profile(blocks, sample), budget)
+        chain = _profile(blocks, sample)
+        plan = plan_module.solve(chain, budget)
     plan_module._check_plan(range(len(blocks)), plan)
     _install(blocks, plan)
-    return SegmentHandle(blocks, plan)
+    return SegmentHandle(blocks, plan, chain)
 
 
 def _profile(blocks, sample):
@@ -135,3 +162,16 @@ def _profile(blocks, sample):
     args, kwargs = calls[0]
     hidden = args[0].detach().requires_grad_(args[0].is_floating_point())  # as in training
     return plan_module.profile(blocks, hidden, *args[1:], **kwargs)
+
+
+def repeated_blocks(model):
+    """The model's largest nn.ModuleList whose modules all have the same type (a transformer's
+    layers), for planning when no blocks are named."""
+    lists = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1
+    ]
+    if not lists:
+        raise ValueError(f"no list of repeated blocks found in {type(model).__name__}: name them (blocks=model.layers)")
+    return max(lists, key=len)

@@ -132,3 +132,30 @@ def test_batch_splitting_errors():
         split_batch({"a": torch.zeros(4), "b": torch.zeros(6)}, 2)
     with pytest.raises(TypeError, match="a batch must be a tensor"):
         split_batch("text", 2)
+
+
+def test_activation_budget_plans_the_blocks_and_changes_no_result():
+    from memengine.transformer import GPT
+
+    def gpt_loss(model, tokens):
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"), tokens[:, 1:].numel()
+
+    config = dict(vocab=64, width=32, layers=6, heads=4, length=16)
+    torch.manual_seed(0)
+    plain, budgeted = GPT(**config), GPT(**config)
+    budgeted.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    engines = [me.Engine(plain, sgd, micro_batch_size=2), me.Engine(budgeted, sgd, micro_batch_size=2, budget="200KiB")]
+    for _ in range(2):
+        losses = [engine.step(tokens, gpt_loss)["loss"] for engine in engines]
+        assert torch.equal(*losses)
+    for a, b in zip(plain.parameters(), budgeted.parameters(), strict=True):
+        assert torch.equal(a, b)
+    handle = engines[1].segment_handle
+    assert handle.blocks == list(budgeted.blocks) and any(s.policy != "keep" for s in handle.plan)
+    assert me.plan.simulate(handle.chain, handle.plan)["peak_bytes"] <= 200 * 1024
+    assert engines[0].segment_handle is None
+    with pytest.raises(ValueError, match="no list of repeated blocks found in TinyLM"):
+        me.Engine(TinyLM(), sgd, micro_batch_size=2, budget=1 << 20).step(make_batch(), summed_loss)
