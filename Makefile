@@ -48,6 +48,7 @@ bench: build
 	$(PY) benchmarks/bench_wgrad_accumulate.py
 	$(PY) benchmarks/bench_bf16_peak.py
 	$(PY) benchmarks/bench_grad_accumulation.py
+	$(PY) benchmarks/bench_plan.py
 
 clean:
 	rm -rf build cmake-build* memengine/_C*.so *.egg-info

@@ -8,7 +8,8 @@ they are not activation memory) and is measured three ways:
   alloc peak   peak of bytes through PyTorch's CPU allocator (profiler memory events: also sees
                kernels' scratch; the only one that sees torch.compile's buffers)
   recompute    matmul FLOPs of the step (FlopCounterMode) minus those of the plain step
-and timed (median step time, as a ratio to the plain eager step in the same run).
+and timed: median step time over rounds that run every row's step once each (so drifts of this
+shared machine hit all rows alike), as a ratio to the plain eager step in the same run.
 
 Chains: a GPT-style transformer (homogeneous) and residual MLP blocks whose hidden widths vary
 from 1x to 32x the model width (heterogeneous). Rows:
@@ -27,7 +28,9 @@ import argparse
 import math
 import os
 import random
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -83,98 +86,103 @@ class Step:
         (self.forward(x).reshape(-1) @ self.weights).backward()
 
 
-def measure(step, device, min_time):
+def memory_and_flops(step, device):
     with LiveBytes() as live:
         step()
-    with FlopCounterMode(display=False) as flops:
+    with FlopCounterMode(display=False) as flops:  # a separate step: its module tracking holds references
         step()
-    _, p50, _ = _common.measure(step, device, min_time_s=min_time)
-    return {
-        "live": live.peak,
-        "alloc": _common.peak_extra_bytes(step, device),
-        "flops": flops.get_total_flops(),
-        "seconds": p50,
-    }
+    return {"live": live.peak, "alloc": _common.peak_extra_bytes(step, device), "flops": flops.get_total_flops()}
+
+
+def median_seconds(steps, rounds):
+    """Median time of each step, timed round-robin (each round runs every step once) so that the
+    machine's drifts hit all of them alike."""
+    for step in steps:
+        step()  # warm-up (torch.compile compiles here)
+    samples = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, times in zip(steps, samples, strict=True):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in samples]
+
+
+def with_plan(blocks, plan, step):
+    def run():
+        handle = me.segment(blocks, plan=plan)
+        try:
+            step()
+        finally:
+            handle.remove()
+
+    return run
 
 
 def run_chain(name, blocks, base, args):
     device = torch.device("cpu")
     chain = me.plan.profile(blocks, base)
     n = len(chain)
-    print(
-        f"\n{name}: {n} blocks, input {tuple(base.shape)}, {sum(p.numel() for p in blocks.parameters()):,} parameters"
-    )
-    print(
-        f"{'plan':<26} {'budget':>10} {'predicted':>10} {'live peak':>10} {'error':>7} {'alloc peak':>10} "
-        f"{'recompute':>10} {'simulated':>10} {'time':>6}  segments"
-    )
-    eager = measure(Step(blocks, base), device, args.min_time)
-
-    def row(label, result, budget=None, plan=None):
-        predicted = me.plan.simulate(chain, plan) if plan is not None else None
-        cells = [
-            label,
-            budget or "",
-            "",
-            result["live"],
-            "",
-            result["alloc"],
-            f"{result['flops'] - eager['flops']:.4g}",
-            "",
-        ]
-        if predicted:
-            cells[2] = predicted["peak_bytes"]
-            cells[4] = f"{100 * (predicted['peak_bytes'] - result['live']) / result['live']:+.2f}%"
-            cells[7] = f"{predicted['recompute_flops']:.4g}"
-        segments = " ".join(f"{s.start}-{s.end - 1}{s.policy[0]}" for s in plan) if plan else ""
-        print(
-            f"{cells[0]:<26} {cells[1]:>10} {cells[2]:>10} {cells[3]:>10} {cells[4]:>7} {cells[5]:>10} {cells[6]:>10} "
-            f"{cells[7]:>10} {result['seconds'] / eager['seconds']:>5.2f}x  {segments}",
-            flush=True,
-        )
-        return predicted
-
-    def run_plan(label, plan, budget=None):
-        handle = me.segment(blocks, plan=plan)
-        try:
-            result = measure(Step(blocks, base), device, args.min_time)
-        finally:
-            handle.remove()
-        return result, row(label, result, budget, plan)
-
-    row("eager", eager)
-    row("torch.compile", measure(Step(blocks, base, torch.compile(blocks)), device, args.min_time))
+    parameters = sum(p.numel() for p in blocks.parameters())
+    print(f"\n{name}: {n} blocks, input {tuple(base.shape)}, {parameters:,} parameters")
+    step = Step(blocks, base)
     segments = max(1, round(math.sqrt(n)))
-    torch_sqrt = measure(
-        Step(blocks, base, lambda x: checkpoint_sequential(blocks, segments, x, use_reentrant=False)),
-        device,
-        args.min_time,
-    )
-    row("checkpoint_sequential", torch_sqrt)
-    for method in ("none", "sqrt", "all"):
-        run_plan(method, me.plan.solve(chain, method=method))
-
-    largest = me.plan.simulate(chain, me.plan.solve(chain, method="none"))["peak_bytes"]
+    rows = [
+        {"label": "eager", "step": step},
+        {"label": "torch.compile", "step": Step(blocks, base, torch.compile(blocks))},
+        {
+            "label": "checkpoint_sequential",
+            "step": Step(blocks, base, lambda x: checkpoint_sequential(blocks, segments, x, use_reentrant=False)),
+        },
+    ]
+    plans = [(method, None, me.plan.solve(chain, method=method)) for method in ("none", "sqrt", "all")]
+    largest = me.plan.simulate(chain, plans[0][2])["peak_bytes"]
     smallest = me.plan.smallest_feasible_budget(chain)
-    sweep = []
     for k in range(8):
         budget = largest - (largest - smallest) * k // 7
-        result, predicted = run_plan(f"budget {k}/7", me.plan.solve(chain, budget), budget)
-        sweep.append((budget, result["live"], predicted["peak_bytes"]))
+        plans.append((f"budget {k}/7", budget, me.plan.solve(chain, budget)))
+    for row in rows:
+        row.update(memory_and_flops(row["step"], device))
+    torch_sqrt = rows[2]
+    anchor_budget = torch_sqrt["live"]
+    plans.append(("optimal @ ckpt_seq peak", anchor_budget, me.plan.solve(chain, anchor_budget)))
+    for label, budget, plan in plans:
+        row = {"label": label, "budget": budget, "plan": plan, "step": with_plan(blocks, plan, step)}
+        row.update(memory_and_flops(row["step"], device), predicted=me.plan.simulate(chain, plan))
+        rows.append(row)
+    for row, seconds in zip(rows, median_seconds([row["step"] for row in rows], args.rounds), strict=True):
+        row["seconds"] = seconds
 
-    budget = torch_sqrt["live"]
-    anchor, _ = run_plan("optimal @ ckpt_seq peak", me.plan.solve(chain, budget), budget)
-    torch_flops = torch_sqrt["flops"] - eager["flops"]
-    ours = anchor["flops"] - eager["flops"]
-    worst = max(abs(p - m) / m for _, m, p in sweep)
+    eager = rows[0]
+    print(
+        f"{'plan':<24} {'budget':>10} {'predicted':>10} {'live peak':>10} {'error':>7} {'alloc peak':>10} "
+        f"{'recompute':>10} {'simulated':>10} {'time':>6}  segments"
+    )
+    for row in rows:
+        predicted = row.get("predicted")
+        cells = [row.get("budget") or "", "", "", "", f"{row['flops'] - eager['flops']:.4g}"]
+        if predicted:
+            cells[1] = predicted["peak_bytes"]
+            cells[2] = f"{100 * (predicted['peak_bytes'] - row['live']) / row['live']:+.2f}%"
+            cells[3] = f"{predicted['recompute_flops']:.4g}"
+        segments = " ".join(f"{s.start}-{s.end - 1}{s.policy[0]}" for s in row.get("plan") or [])
+        print(
+            f"{row['label']:<24} {cells[0]:>10} {cells[1]:>10} {row['live']:>10} {cells[2]:>7} {row['alloc']:>10} "
+            f"{cells[4]:>10} {cells[3]:>10} {row['seconds'] / eager['seconds']:>5.2f}x  {segments}"
+        )
+
+    sweep = [row for row in rows if row["label"].startswith("budget")]
+    worst = max(abs(r["predicted"]["peak_bytes"] - r["live"]) / r["live"] for r in sweep)
     print(
         f"prediction over the sweep: worst error {100 * worst:.2f}%; measured <= budget + 8 bytes of loss in "
-        f"{sum(m <= b + 8 for b, m, _ in sweep)}/8; measured never rises as the budget falls: "
-        f"{all(b2 <= b1 for (_, b1, _), (_, b2, _) in zip(sweep, sweep[1:], strict=False))}"
+        f"{sum(r['live'] <= r['budget'] + 8 for r in sweep)}/8; measured never rises as the budget falls: "
+        f"{all(b['live'] <= a['live'] for a, b in zip(sweep, sweep[1:], strict=False))}"
     )
+    anchor = rows[-1]
+    ours, theirs = anchor["flops"] - eager["flops"], torch_sqrt["flops"] - eager["flops"]
     print(
-        f"anchor: at checkpoint_sequential's peak ({budget:,} bytes) optimal recomputes {ours:.4g} FLOPs against "
-        f"{torch_flops:.4g}: {ours / torch_flops if torch_flops else float('nan'):.2f}x; its peak {anchor['live']:,}; "
+        f"anchor: at checkpoint_sequential's peak ({anchor_budget:,} bytes) optimal recomputes {ours:.4g} FLOPs "
+        f"against {theirs:.4g}: {ours / theirs if theirs else float('nan'):.2f}x; its peak {anchor['live']:,}; "
         f"step time {anchor['seconds'] / torch_sqrt['seconds']:.2f}x checkpoint_sequential's"
     )
 
@@ -186,7 +194,7 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of samples per timing")
+    parser.add_argument("--rounds", type=int, default=15, help="timing rounds (each runs every row's step once)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, git {_common.git_sha()}")
     run_chain("transformer (homogeneous)", *transformer_chain(args), args)

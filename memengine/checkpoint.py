@@ -11,7 +11,10 @@ backward(inputs=...), inputs that do not require grad and nested checkpoints all
 Beyond torch:
 - The recomputation does not update module state a second time: in-place writes to tensors that
   existed before it started (BatchNorm's running statistics and num_batches_tracked) go to
-  throwaway copies, so a checkpointed BatchNorm ends up exactly as without checkpointing.
+  throwaway copies, so a checkpointed BatchNorm ends up exactly as without checkpointing. This
+  costs a Python call per recomputed op, so it is skipped when fn is a module, a module's method
+  or receives modules and the forward changed none of their parameters and buffers nor fn's
+  tensor arguments (version counters); state kept in anything else must be in those.
 - Fused gradient accumulation (memengine.nn.Linear into main_grad) happens once per backward,
   because the recomputed graph is never differentiated.
 - debug=True keeps the original tensors and compares each recomputed one with it by value,
@@ -42,6 +45,7 @@ class _Frame:
         self.recomputed = None  # per saved tensor, until backward takes it
         self.task = None  # the backward (graph task) the recomputation was made for
         self.reproduced = 0  # tensors the last recomputation saved
+        self.protect_state = True  # recompute under _NoStateUpdates (see checkpoint())
         self.autocast = {
             device: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
             for device in ("cpu", "cuda")
@@ -106,7 +110,8 @@ class _Frame:
             for device, (enabled, dtype) in self.autocast.items():
                 stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(_NoStateUpdates())
+            if self.protect_state:
+                stack.enter_context(_NoStateUpdates())
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(collect, _never_unpacked))
             try:
                 self.fn(*self.args, **self.kwargs)
@@ -182,11 +187,33 @@ class _NoStateUpdates(TorchDispatchMode):
         return isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in self.created
 
 
+def _state_tensors(fn, args, kwargs):
+    """The tensors fn could update in place that can be checked cheaply: its tensor arguments and
+    the parameters and buffers of the modules it is, is a method of, or receives. None when fn is
+    none of those (a closure, say): then any pre-existing tensor may be written."""
+    leaves = tree_flatten((args, kwargs))[0]
+    owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    modules = [m for m in [owner, *leaves] if isinstance(m, torch.nn.Module)]
+    if not modules:
+        return None
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    for module in modules:
+        tensors.extend(module.parameters())
+        tensors.extend(module.buffers())
+    return tensors
+
+
 def checkpoint(fn, *args, preserve_rng_state=True, debug=False, **kwargs):
     """Runs fn(*args, **kwargs) without keeping the tensors autograd would save; backward
     recomputes them. See the module docstring."""
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
     frame = _Frame(fn, args, kwargs, preserve_rng_state, debug)
+    state = _state_tensors(fn, args, kwargs)
+    versions = None if state is None else [t._version for t in state]
     with torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack):
-        return fn(*args, **kwargs)
+        output = fn(*args, **kwargs)
+    # Protecting state during the recomputation costs a Python call per op: skip it when the
+    # forward wrote none of the tensors that could hold state.
+    frame.protect_state = versions is None or any(t._version != v for t, v in zip(state, versions, strict=True))
+    return output

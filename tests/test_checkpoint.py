@@ -1,6 +1,8 @@
 """me.checkpoint: bit-identical to no checkpointing (fp32, CPU, dropout included), for every
 calling convention torch's non-reentrant checkpoint supports, plus what torch does not do."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,3 +183,32 @@ def test_recomputed_tensors_are_freed_as_backward_uses_them():
     assert checkpoint_forward < keep_forward
     # backward: the recomputation adds nothing beyond what keeping everything had stored
     assert checkpoint_backward <= keep_backward + (keep_forward - checkpoint_forward)
+
+
+@pytest.mark.parametrize("call", ["closure", "module without state updates"])
+def test_state_protection_where_it_cannot_be_ruled_out_and_only_there(call, monkeypatch):
+    checkpoint_module = importlib.import_module("memengine.checkpoint")  # the attribute is the function
+    protected = []
+    original = checkpoint_module._NoStateUpdates
+
+    def spy():
+        protected.append(True)
+        return original()
+
+    monkeypatch.setattr(checkpoint_module, "_NoStateUpdates", spy)
+    torch.manual_seed(5)
+    model = Block()
+    if call == "module without state updates":
+        model.eval()  # BatchNorm reads its statistics and writes nothing: no protection needed
+    twin = clone_model(model).train(model.training)
+    x = torch.randn(8, 16, requires_grad=True)
+    torch.manual_seed(0)
+    model(x)[0].sum().backward()
+    torch.manual_seed(0)
+    fn = (lambda h: twin(h)) if call == "closure" else twin  # a closure hides its modules
+    me.checkpoint(fn, x)[0].sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, dict(twin.named_buffers())[name]), name
+    assert protected == ([True] if call == "closure" else [])
