@@ -20,6 +20,8 @@ from 1x to 32x the model width (heterogeneous). Rows:
                               smallest feasible one (prediction error, budget and monotonicity)
   optimal @ ckpt_seq peak     "optimal" with the budget set to checkpoint_sequential's measured
                               live peak: the anchor comparison
+Last, a small-config LlamaForCausalLM (transformers, random weights) segmented from a budget:
+the whole model's measured peak drop against the predicted one.
 
   python benchmarks/bench_plan.py [--blocks 16 --width 128 --seq 256 --batch 2]
 """
@@ -187,6 +189,55 @@ def run_chain(name, blocks, base, args):
     )
 
 
+def run_llama():
+    """me.segment(model.model.layers, budget=..., sample=...) on a small-config LlamaForCausalLM
+    (random weights): the whole model's measured peak drop against the planner's prediction."""
+    try:
+        import transformers
+    except ImportError:
+        print("\nLlamaForCausalLM: skipped, transformers is not installed")
+        return
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(1))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def step():
+        model(input_ids=tokens, labels=tokens).loss.backward()
+
+    def peak():
+        with LiveBytes() as live:
+            step()
+        return live.peak
+
+    from memengine.segment import _profile
+
+    chain = _profile(list(model.model.layers), lambda: model(input_ids=tokens))
+    keep_all = me.plan.simulate(chain, me.plan.solve(chain, method="none"))["peak_bytes"]
+    budget = (keep_all + me.plan.smallest_feasible_budget(chain)) // 2
+    before = peak()
+    handle = me.segment(model.model.layers, budget=budget, sample=lambda: model(input_ids=tokens))
+    predicted = me.plan.simulate(handle.chain, handle.plan)["peak_bytes"]
+    after = peak()
+    handle.remove()
+    print(
+        f"\nLlamaForCausalLM, 8 layers, hidden 128, 2 x 256 tokens: layers' budget {budget:,} bytes; whole-model "
+        f"peak {before:,} -> {after:,} bytes, a drop of {before - after:,} against {keep_all - predicted:,} "
+        f"predicted ({100 * ((before - after) - (keep_all - predicted)) / (keep_all - predicted):+.2f}%)\n"
+        + me.plan.report(handle.chain, handle.plan)
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=16)
@@ -199,6 +250,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, git {_common.git_sha()}")
     run_chain("transformer (homogeneous)", *transformer_chain(args), args)
     run_chain("residual MLPs, hidden 1x-32x (heterogeneous)", *heterogeneous_chain(args), args)
+    run_llama()
 
 
 if __name__ == "__main__":
