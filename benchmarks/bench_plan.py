@@ -35,7 +35,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint_sequential
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,18 +44,7 @@ import _common  # noqa: E402
 
 import memengine as me  # noqa: E402
 from memengine.plan import LiveBytes  # noqa: E402
-from memengine.transformer import Block  # noqa: E402
-
-
-class Mlp(torch.nn.Module):
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(width)
-        self.up = torch.nn.Linear(width, hidden)
-        self.down = torch.nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return x + self.down(F.gelu(self.up(self.norm(x))))
+from memengine.transformer import Block, MlpBlock  # noqa: E402
 
 
 def transformer_chain(args):
@@ -69,7 +57,7 @@ def heterogeneous_chain(args):
     rng = random.Random(0)
     torch.manual_seed(0)
     hidden = [args.width * 2 ** rng.randint(0, 5) for _ in range(args.blocks)]
-    blocks = torch.nn.Sequential(*[Mlp(args.width, h) for h in hidden])
+    blocks = torch.nn.Sequential(*[MlpBlock(args.width, h) for h in hidden])
     return blocks, torch.randn(args.batch * args.seq, args.width)
 
 

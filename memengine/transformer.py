@@ -1,5 +1,6 @@
 """A plain GPT-style decoder (pre-norm attention + MLP blocks) used by `python -m memengine plan`,
-the benchmarks and the tests. Built on the meta device it costs no memory at any size."""
+the benchmarks and the tests, and a residual MLP block of any width. Built on the meta device
+they cost no memory at any size."""
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,20 @@ class Block(torch.nn.Module):
         attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(attention.transpose(1, 2).reshape(batch, length, width))
         return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class MlpBlock(torch.nn.Module):
+    """A pre-norm residual MLP block of any hidden width: chains of these with varying widths are
+    the heterogeneous chains of the planner's tests and benchmark."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, hidden)
+        self.down = torch.nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
 class GPT(torch.nn.Module):

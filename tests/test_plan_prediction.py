@@ -4,25 +4,11 @@ peak within the budget, and never rising as the budget falls. Also: profile() le
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import memengine as me
 from memengine.plan import LiveBytes, Segment
-from memengine.transformer import Block
-
-
-class Mlp(torch.nn.Module):
-    """A residual MLP block whose hidden width varies along the chain (heterogeneous chains)."""
-
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(width)
-        self.up = torch.nn.Linear(width, hidden)
-        self.down = torch.nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return x + self.down(F.gelu(self.up(self.norm(x))))
+from memengine.transformer import Block, MlpBlock
 
 
 def transformer_chain():
@@ -33,7 +19,7 @@ def transformer_chain():
 def heterogeneous_chain():
     torch.manual_seed(0)
     hidden = [32, 512, 64, 1024, 32, 256, 128, 768]
-    return torch.nn.Sequential(*[Mlp(32, h) for h in hidden]), torch.randn(48, 32)
+    return torch.nn.Sequential(*[MlpBlock(32, h) for h in hidden]), torch.randn(48, 32)
 
 
 # The loss (an fp32 scalar) and the gradient autograd seeds it with: the step's only tensors that
