@@ -37,7 +37,7 @@ class _StopRecompute(Exception):
 
 
 class _Frame:
-    def __init__(self, fn, args, kwargs, preserve_rng_state, debug):
+    def __init__(self, fn, args, kwargs, leaves, preserve_rng_state, debug):
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.debug = debug
         self.count = 0  # tensors saved by the forward
@@ -53,8 +53,7 @@ class _Frame:
         }
         self.rng = None
         if preserve_rng_state:
-            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            cuda_devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+            cuda_devices = sorted({t.device.index or 0 for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda})
             self.rng = (
                 torch.get_rng_state(),
                 cuda_devices,
@@ -187,11 +186,11 @@ class _NoStateUpdates(TorchDispatchMode):
         return isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in self.created
 
 
-def _state_tensors(fn, args, kwargs):
+def _state_tensors(fn, leaves):
     """The tensors fn could update in place that can be checked cheaply: its tensor arguments and
-    the parameters and buffers of the modules it is, is a method of, or receives. None when fn is
-    none of those (a closure, say): then any pre-existing tensor may be written."""
-    leaves = tree_flatten((args, kwargs))[0]
+    the parameters and buffers of the modules it is, is a method of, or receives (`leaves`: its
+    flattened arguments). None when fn is none of those (a closure, say): then any pre-existing
+    tensor may be written."""
     owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     modules = [m for m in [owner, *leaves] if isinstance(m, torch.nn.Module)]
     if not modules:
@@ -208,8 +207,9 @@ def checkpoint(fn, *args, preserve_rng_state=True, debug=False, **kwargs):
     recomputes them. See the module docstring."""
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
-    frame = _Frame(fn, args, kwargs, preserve_rng_state, debug)
-    state = _state_tensors(fn, args, kwargs)
+    leaves = tree_flatten((args, kwargs))[0]
+    frame = _Frame(fn, args, kwargs, leaves, preserve_rng_state, debug)
+    state = _state_tensors(fn, leaves)
     versions = None if state is None else [t._version for t in state]
     with torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack):
         output = fn(*args, **kwargs)

@@ -48,15 +48,15 @@ class LiveBytes(TorchDispatchMode):
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
-            key = storage._cdata
+            key, nbytes = storage._cdata, storage.nbytes()
             if key in self._tensors:
                 self._tensors[key] += 1
             elif key in inputs:
                 continue  # a view of, or an in-place write into, a storage from before
             else:
                 self._tensors[key] = 1
-                self.current += storage.nbytes()
+                self.current += nbytes
                 self.peak = max(self.peak, self.current)
                 self.window_peak = max(self.window_peak, self.current)
-            weakref.finalize(t, self._release, key, storage.nbytes())
+            weakref.finalize(t, self._release, key, nbytes)
         return out

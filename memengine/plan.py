@@ -522,5 +522,5 @@ def profile(blocks, *sample_args, **sample_kwargs):
                         buffer.copy_(value)
             for name, value in measured.items():
                 fields[name].append(value)
-            hidden = _hidden_state(output).detach()
+            hidden = _hidden_state(output)
     return Chain(**fields, names=[type(b).__name__ for b in blocks])

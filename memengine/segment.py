@@ -160,8 +160,7 @@ def _profile(blocks, sample):
     if len(calls) != len(blocks):
         raise ValueError(f"segment: the sample forward called the blocks {len(calls)} times, expected {len(blocks)}")
     args, kwargs = calls[0]
-    hidden = args[0].detach().requires_grad_(args[0].is_floating_point())  # as in training
-    return plan_module.profile(blocks, hidden, *args[1:], **kwargs)
+    return plan_module.profile(blocks, *args, **kwargs)  # profile detaches and requires grad as in training
 
 
 def repeated_blocks(model):
