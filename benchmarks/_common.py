@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from memengine.segments import allocator_peak
+
 CSV_FIELDS = [
     "kernel",
     "provider",
@@ -68,73 +70,48 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, min_time_s=0.5, min_repeats=7, max_repeats=200, min_sample_s=1e-3):
-    """Percentiles (p20, p50, p80) of the time of one call, in seconds.
+def measure(fns, device, min_time_s=0.5, min_repeats=7, max_repeats=200, min_sample_s=1e-3):
+    """The one timing helper of the benchmarks: percentiles (p20, p50, p80) of the time of one call,
+    in seconds, of a callable, or of each callable in a list (then a list of triples).
 
-    Each sample times a batch of calls long enough (min_sample_s) for the clock to resolve;
-    samples are taken until both min_repeats and min_time_s are reached.
+    Each sample times a batch of calls long enough (min_sample_s) for the clock to resolve.
+    Several callables are timed round-robin (each round samples every one of them once), so the
+    drifts of a shared machine hit them alike. Samples are taken until min_repeats rounds are done
+    and min_time_s per callable has passed, or max_repeats rounds.
     """
-    fn()  # warm-up (also triggers compilation)
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    once = max(time.perf_counter() - start, 1e-7)
-    batch = max(1, int(min_sample_s / once))
-    samples = []
-    started = time.perf_counter()
-    while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - started < min_time_s):
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - t0) / batch)
-    q = statistics.quantiles(samples, n=10, method="inclusive")
-    return q[1], statistics.median(samples), q[7]
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """The profiler's C++ side logs start/stop lines to file descriptor 2; keep the table readable."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _cpu_peak_extra_bytes(fn):
-    """Peak of the bytes allocated through PyTorch's CPU allocator during the call (the profiler's
-    memory events, in time order). Buffers a library allocates itself (MKL's, oneDNN's) are not seen."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    single = callable(fns)
+    fns = [fns] if single else list(fns)
+    batches = []
+    for fn in fns:
+        fn()  # warm-up (also triggers compilation)
         fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()  # negative for a free
-        peak = max(peak, live)
-    return peak
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        once = max(time.perf_counter() - start, 1e-7)
+        batches.append(max(1, int(min_sample_s / once)))
+    samples = [[] for _ in fns]
+    started = time.perf_counter()
+    while len(samples[0]) < max_repeats and (
+        len(samples[0]) < min_repeats or time.perf_counter() - started < min_time_s * len(fns)
+    ):
+        for fn, batch, times in zip(fns, batches, samples, strict=True):
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            synchronize(device)
+            times.append((time.perf_counter() - t0) / batch)
+    results = []
+    for times in samples:
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        results.append((q[1], statistics.median(times), q[7]))
+    return results[0] if single else results
 
 
 def peak_extra_bytes(fn, device):
-    """Bytes allocated beyond what was live before the call: the CUDA allocator's statistics, or
-    on CPU (where PyTorch keeps none) the profiler's record of the CPU allocator."""
-    if device.type != "cuda":
-        return _cpu_peak_extra_bytes(fn)
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    """The one peak-memory helper of the benchmarks: memengine.segments.allocator_peak."""
+    return allocator_peak.peak_extra_bytes(fn, device)
 
 
 class Results:
@@ -192,7 +169,7 @@ def providers(eager_fn, compiled_fn, memengine_fn):
 
 def run_providers(results, provider_list, op, device, args, bytes_moved, min_time_s, **row):
     """Times each provider on the same arguments and adds one row per provider (or a skip note)."""
-    from memengine import _backend
+    from memengine.ops import backend as _backend
 
     for name, fn, backend in provider_list:
         base = dict(row, provider=name, device=str(device))

@@ -23,7 +23,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import _common  # noqa: E402
 
 import memengine as me  # noqa: E402
-from memengine import _backend  # noqa: E402
+from memengine.ops import backend as _backend  # noqa: E402
 
 DEFAULT_SIZES = [2**10, 2**16, 2**20, 2**24, 2**26, 2**28]
 ALPHA = 0.5

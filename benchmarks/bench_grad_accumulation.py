@@ -1,5 +1,6 @@
 """Accuracy and memory of gradient accumulation over many micro-batches: memengine's Engine
-against plain PyTorch, on a bf16 GPT-style model (CPU).
+against plain PyTorch, on a bf16 GPT-style model (CPU). The methods live in
+memengine/studies/grad_accumulation.py (the tests run them on a smaller model).
 
 Accuracy: the accumulated, token-normalised gradient of one step (all micro-batches), compared
 with an fp64 oracle computed from the same bf16 weights and the same data; the number is
@@ -16,118 +17,13 @@ for the fp32-master baseline and for memengine. A bf16 gradient set is 2 bytes p
 """
 
 import argparse
-import functools
 import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
-import _common  # noqa: E402
-
-import memengine as me  # noqa: E402
-from memengine.transformer import GPT  # noqa: E402
-
-
-def summed_loss(model, tokens):
-    """Next-token loss summed over the micro-batch, and its token count."""
-    logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
-    return loss, tokens[:, 1:].numel()
-
-
-def make_models(config, seed=0):
-    """The bf16 model and an fp64 copy holding exactly the same (bf16) values."""
-    torch.manual_seed(seed)
-    model = GPT(**config).to(torch.bfloat16)
-    oracle = GPT(**config).to(torch.float64)
-    oracle.load_state_dict({k: v.to(torch.float64) for k, v in model.state_dict().items()})
-    return model, oracle
-
-
-def make_data(config, micro_batches, rows, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, config["vocab"], (micro_batches * rows, config["length"] + 1), generator=generator)
-
-
-def flat(grads):
-    return torch.cat([g.reshape(-1).to(torch.float64) for g in grads])
-
-
-def oracle_gradient(oracle, data, rows):
-    oracle.zero_grad()
-    total = data[:, 1:].numel()
-    for micro_batch in data.split(rows):
-        loss, _ = summed_loss(oracle, micro_batch)
-        (loss / total).backward()
-    return flat(p.grad for p in oracle.parameters())
-
-
-def pytorch_bf16_step(model, data, rows):
-    model.zero_grad()
-    total = data[:, 1:].numel()
-    for micro_batch in data.split(rows):
-        loss, _ = summed_loss(model, micro_batch)
-        (loss / total).backward()  # autograd accumulates into the bf16 .grad
-    return [p.grad for p in model.parameters()]
-
-
-def pytorch_fp32_master_step(model, data, rows, buffers, free_grads):
-    """After each micro-batch, fp32 buffer += bf16 .grad; then .grad is freed (free_grads) or
-    zeroed in place (zero_grad(set_to_none=False), which keeps one bf16 gradient set allocated)."""
-    for b in buffers:
-        b.zero_()
-    total = data[:, 1:].numel()
-    for micro_batch in data.split(rows):
-        loss, _ = summed_loss(model, micro_batch)
-        (loss / total).backward()
-        for p, b in zip(model.parameters(), buffers, strict=True):
-            b.add_(p.grad)  # fp32 += bf16
-        model.zero_grad(set_to_none=free_grads)
-    return buffers
-
-
-def memengine_step(engine, data, rows):
-    engine.step(data, summed_loss)
-    return [p.main_grad for p in engine.model.parameters()]
-
-
-def relative_error(grads, reference):
-    return ((flat(grads) - reference).norm() / reference.norm()).item()
-
-
-def run(config, micro_batches, rows, measure_memory=True):
-    """Returns {method: {"relative_error": ..., "peak_bytes": ...}} and the bf16 gradient-set size."""
-    model, oracle = make_models(config)
-    data = make_data(config, micro_batches, rows)
-    reference = oracle_gradient(oracle, data, rows)
-    results = {}
-
-    grads = pytorch_bf16_step(model, data, rows)
-    results["pytorch-bf16"] = {"relative_error": relative_error(grads, reference)}
-    model.zero_grad(set_to_none=True)
-
-    buffers = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
-    for name, free_grads in (("pytorch-fp32-master", True), ("pytorch-fp32-master-zeroed", False)):
-        model.zero_grad(set_to_none=True)
-        step = functools.partial(pytorch_fp32_master_step, model, data, rows, buffers, free_grads)
-        results[name] = {"relative_error": relative_error(step(), reference)}
-        if measure_memory:
-            model.zero_grad(set_to_none=True)  # each measured step starts without gradients
-            results[name]["peak_bytes"] = _common.peak_extra_bytes(step, torch.device("cpu"))
-    model.zero_grad(set_to_none=True)
-    del buffers
-
-    engine = me.Engine(model, optimizer=functools.partial(torch.optim.SGD, lr=0.0), micro_batch_size=rows)
-    step = functools.partial(memengine_step, engine, data, rows)
-    results["memengine"] = {"relative_error": relative_error(step(), reference)}
-    if measure_memory:
-        results["memengine"]["peak_bytes"] = _common.peak_extra_bytes(step, torch.device("cpu"))
-    me.unpatch(model)
-    gradient_set_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return results, gradient_set_bytes
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
+from memengine.studies.grad_accumulation import run  # noqa: E402
 
 
 def main():

@@ -30,9 +30,7 @@ import argparse
 import math
 import os
 import random
-import statistics
 import sys
-import time
 
 import torch
 from torch.utils.checkpoint import checkpoint_sequential
@@ -43,8 +41,9 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import _common  # noqa: E402
 
 import memengine as me  # noqa: E402
+from memengine.models import Block, MlpBlock  # noqa: E402
 from memengine.plan import LiveBytes  # noqa: E402
-from memengine.transformer import Block, MlpBlock  # noqa: E402
+from memengine.segments.apply import profile_sample  # noqa: E402
 
 
 def transformer_chain(args):
@@ -82,20 +81,6 @@ def memory_and_flops(step, device):
     with FlopCounterMode(display=False) as flops:  # a separate step: its module tracking holds references
         step()
     return {"live": live.peak, "alloc": _common.peak_extra_bytes(step, device), "flops": flops.get_total_flops()}
-
-
-def median_seconds(steps, rounds):
-    """Median time of each step, timed round-robin (each round runs every step once) so that the
-    machine's drifts hit all of them alike."""
-    for step in steps:
-        step()  # warm-up (torch.compile compiles here)
-    samples = [[] for _ in steps]
-    for _ in range(rounds):
-        for step, times in zip(steps, samples, strict=True):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in samples]
 
 
 def with_plan(blocks, plan, step):
@@ -140,7 +125,16 @@ def run_chain(name, blocks, base, args):
         row = {"label": label, "budget": budget, "plan": plan, "step": with_plan(blocks, plan, step)}
         row.update(memory_and_flops(row["step"], device), predicted=me.plan.simulate(chain, plan))
         rows.append(row)
-    for row, seconds in zip(rows, median_seconds([row["step"] for row in rows], args.rounds), strict=True):
+    for row, seconds in zip(
+        rows,
+        (
+            p50
+            for _, p50, _ in _common.measure(
+                [row["step"] for row in rows], device, min_time_s=0, min_repeats=args.rounds, max_repeats=args.rounds
+            )
+        ),
+        strict=True,
+    ):
         row["seconds"] = seconds
 
     eager = rows[0]
@@ -208,9 +202,7 @@ def run_llama():
             step()
         return live.peak
 
-    from memengine.segment import _profile
-
-    chain = _profile(list(model.model.layers), lambda: model(input_ids=tokens))
+    chain = profile_sample(list(model.model.layers), lambda: model(input_ids=tokens))
     keep_all = me.plan.simulate(chain, me.plan.solve(chain, method="none"))["peak_bytes"]
     budget = (keep_all + me.plan.smallest_feasible_budget(chain)) // 2
     before = peak()

@@ -31,7 +31,8 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import _common  # noqa: E402
 
 import memengine as me  # noqa: E402
-from memengine import _backend, _extension  # noqa: E402
+from memengine.ops import backend as _backend  # noqa: E402
+from memengine.ops import extension as _extension  # noqa: E402
 
 CPU_PATHS = ("mkl", "avx512_bf16", "chunked")
 

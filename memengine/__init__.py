@@ -2,23 +2,19 @@
 
 Kernels: memengine.ops (fused in-place gradient accumulation into fp32 buffers).
 Gradients: memengine.GradBuffer, memengine.nn.Linear, memengine.patch / unpatch,
-memengine.MasterOptimizer; training steps: memengine.Engine.
+memengine.MasterOptimizer; training steps: memengine.Engine; recomputation: memengine.checkpoint,
+memengine.segment and memengine.plan.
+
+The package is layered (each layer imports only the ones below it):
+cli > studies > engine > segments > nn > grad > autograd > ops > triton; models (fixtures) stand apart.
 """
 
-from memengine import (
-    _extension,
-    _ops,  # noqa: F401  (defines the op schemas before the kernels register)
-)
-
-_extension._load()
-
-from memengine import nn, ops, plan  # noqa: E402
-from memengine.checkpoint import CheckpointError, checkpoint  # noqa: E402
-from memengine.engine import Engine  # noqa: E402
-from memengine.grad_buffer import GradBuffer  # noqa: E402
-from memengine.optim import MasterOptimizer  # noqa: E402
-from memengine.patching import patch, unpatch  # noqa: E402
-from memengine.segment import segment  # noqa: E402
+from memengine import ops  # noqa: I001  (first: defines the op schemas and loads the kernels)
+from memengine import grad, nn, plan, segments
+from memengine.engine import Engine
+from memengine.grad import GradBuffer, MasterOptimizer
+from memengine.nn import patch, unpatch
+from memengine.segments import CheckpointError, checkpoint, segment
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,9 +22,11 @@ __all__ = [
     "Engine",
     "GradBuffer",
     "MasterOptimizer",
+    "grad",
     "nn",
     "ops",
     "plan",
+    "segments",
     "checkpoint",
     "patch",
     "segment",

@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import memengine  # noqa: E402,F401
-from memengine import _backend, _extension  # noqa: E402
+from memengine.ops import backend as _backend
+from memengine.ops import extension as _extension  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device; this machine has none")

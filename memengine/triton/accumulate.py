@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memengine import _ops
-from memengine._validation import check_accumulate_args, check_multi_accumulate_args
+from memengine.ops import fake
+from memengine.ops.validation import check_accumulate_args, check_multi_accumulate_args
 
 BLOCK_SIZE = 4096
 
@@ -39,7 +39,7 @@ def _accumulate_kernel(
     tl.store(dst_ptr + offsets, result, mask=mask)
 
 
-def _launch(dst, src, alpha, alpha_tensor, overwrite):
+def launch_accumulate(dst, src, alpha, alpha_tensor, overwrite):
     if dst.numel() == 0:
         return
     dense_dst = dst if dst.is_contiguous() else dst.contiguous()
@@ -68,7 +68,7 @@ def triton_accumulate_(
     overwrite: bool = False,
 ) -> None:
     check_accumulate_args(dst, src, alpha_tensor)
-    _launch(dst, src, alpha, alpha_tensor, overwrite)
+    launch_accumulate(dst, src, alpha, alpha_tensor, overwrite)
 
 
 @torch.library.custom_op("memengine::_triton_multi_accumulate_", mutates_args=("dsts",))
@@ -81,9 +81,9 @@ def triton_multi_accumulate_(
 ) -> None:
     check_multi_accumulate_args(dsts, srcs, alpha_tensor)
     for dst, src in zip(dsts, srcs, strict=True):
-        _launch(dst, src, alpha, alpha_tensor, overwrite)
+        launch_accumulate(dst, src, alpha, alpha_tensor, overwrite)
 
 
 # Same shape/dtype/device checks as the public ops when traced with fake tensors.
-triton_accumulate_.register_fake(_ops.accumulate_fake)
-triton_multi_accumulate_.register_fake(_ops.multi_accumulate_fake)
+triton_accumulate_.register_fake(fake.accumulate_fake)
+triton_multi_accumulate_.register_fake(fake.multi_accumulate_fake)

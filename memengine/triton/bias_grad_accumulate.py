@@ -9,9 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from memengine import _ops
-from memengine._validation import check_bias_grad_args
-from memengine.triton.accumulate import _launch as launch_accumulate
+from memengine.ops import fake
+from memengine.ops.validation import check_bias_grad_args
+from memengine.triton.accumulate import launch_accumulate
 
 ROWS_PER_CHUNK = 256
 MAX_CHUNKS = 64
@@ -70,4 +70,4 @@ def triton_bias_grad_accumulate_(
     launch_accumulate(main_grad, sums.to(torch.float32), alpha, alpha_tensor, overwrite)
 
 
-triton_bias_grad_accumulate_.register_fake(_ops.bias_grad_accumulate_fake)
+triton_bias_grad_accumulate_.register_fake(fake.bias_grad_accumulate_fake)

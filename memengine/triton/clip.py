@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memengine import _ops
-from memengine._validation import check_clip_args
+from memengine.ops import fake
+from memengine.ops.validation import check_clip_args
 
 BLOCK_SIZE = 4096
 
@@ -34,4 +34,4 @@ def triton_clip_(flat: torch.Tensor, stats: torch.Tensor, max_norm: float) -> No
         )
 
 
-triton_clip_.register_fake(_ops.clip_fake)
+triton_clip_.register_fake(fake.clip_fake)

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memengine import _ops
-from memengine._validation import check_grad_stats_args
+from memengine.ops import fake
+from memengine.ops.validation import check_grad_stats_args
 
 BLOCK_SIZE = 4096
 
@@ -69,4 +69,4 @@ def triton_grad_stats_(
     return torch.stack([squares.sum().sqrt().to(torch.float32), counts.sum().to(torch.float32)])
 
 
-triton_grad_stats_.register_fake(_ops.grad_stats_fake)
+triton_grad_stats_.register_fake(fake.grad_stats_fake)

@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from memengine import _ops
 from memengine import triton as backend  # the package is still initialising: call interpreting() at run time
-from memengine._validation import check_wgrad_args
+from memengine.ops import fake
+from memengine.ops.validation import check_wgrad_args
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, INTERPRET_BLOCK_K = 16, 16, 16  # small tiles keep the interpreter fast
@@ -121,4 +121,4 @@ def triton_wgrad_accumulate_(
 
 
 # Same shape/dtype/device checks as the public op when traced with fake tensors.
-triton_wgrad_accumulate_.register_fake(_ops.wgrad_accumulate_fake)
+triton_wgrad_accumulate_.register_fake(fake.wgrad_accumulate_fake)

@@ -1,0 +1,45 @@
+"""`python -m memengine plan`: plans a GPT-style decoder of any size on the meta device (nothing
+is allocated) for an activation budget, and prints the plan next to the usual baselines."""
+
+import torch
+
+from memengine import plan
+from memengine.models import Block
+from memengine.segments import parse_bytes
+
+
+def add_arguments(parser):
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=4096, help="sequence length")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--budget", required=True, help="activation budget, e.g. 24GiB")
+    parser.add_argument("--method", default="optimal", choices=plan.METHODS)
+
+
+def run(args):
+    dtype = getattr(torch, args.dtype)
+    with torch.device("meta"):
+        blocks = [Block(args.hidden, args.heads).to(dtype) for _ in range(args.layers)]
+        sample = torch.empty(args.micro_batch, args.seq, args.hidden, dtype=dtype, requires_grad=True)
+    chain = plan.profile(blocks, sample)
+    budget = parse_bytes(args.budget)
+    parameters = sum(p.numel() for b in blocks for p in b.parameters())
+    print(
+        f"{args.layers} blocks, hidden {args.hidden}, {args.heads} heads, sequence {args.seq}, micro-batch "
+        f"{args.micro_batch}, {args.dtype}: {parameters / 1e9:.2f} B parameters in the blocks; budget {budget:,} bytes"
+    )
+    try:
+        chosen = plan.solve(chain, budget, method=args.method)
+    except plan.InfeasibleBudgetError as error:
+        print(f"infeasible: {error}")
+        return 1
+    print(plan.report(chain, chosen))
+    print("\nbaselines (peak bytes, recompute FLOPs):")
+    for method in ("none", "sqrt", "all"):
+        result = plan.simulate(chain, plan.solve(chain, method=method))
+        fits = "fits" if result["peak_bytes"] <= budget else "over budget"
+        print(f"  {method:<5} {result['peak_bytes']:>18,} {result['recompute_flops']:>12.4g}  {fits}")
+    return 0

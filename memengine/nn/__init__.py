@@ -1,0 +1,8 @@
+"""Drop-in layers whose backward accumulates into fp32 gradient buffers, and memengine.patch,
+which swaps them into a model in place."""
+
+from memengine.nn.conv1d import Conv1DFusedMixin
+from memengine.nn.linear import Linear
+from memengine.nn.patching import patch, unpatch
+
+__all__ = ["Conv1DFusedMixin", "Linear", "patch", "unpatch"]

@@ -1,0 +1,60 @@
+"""memengine.patch(model): fused layers in place, plus one GradBuffer for every trainable parameter.
+
+Modules are converted by changing their class (memengine.nn.Linear is a subclass of
+torch.nn.Linear; Hugging Face's Conv1D gets a subclass with Conv1DFusedMixin), so the very same
+Parameter objects stay in place: nothing is copied, state_dict keys and optimizer references
+are unchanged. unpatch(model) restores the original classes and releases the buffer.
+"""
+
+import torch
+
+from memengine.grad import GradBuffer
+from memengine.nn.conv1d import Conv1DFusedMixin
+from memengine.nn.linear import Linear
+
+_FUSED_CONV1D_CLASSES = {}  # original Conv1D class -> its fused subclass
+
+
+def _is_hf_conv1d(module):
+    """transformers.pytorch_utils.Conv1D (GPT-2), recognised without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor)
+
+
+def _fused_class(module):
+    cls = type(module)
+    if cls is torch.nn.Linear:
+        return Linear
+    if _is_hf_conv1d(module):
+        if cls not in _FUSED_CONV1D_CLASSES:
+            _FUSED_CONV1D_CLASSES[cls] = type("FusedConv1D", (Conv1DFusedMixin, cls), {})
+        return _FUSED_CONV1D_CLASSES[cls]
+    return None
+
+
+def patch(model):
+    """Swaps nn.Linear and Hugging Face Conv1D modules of `model` for fused versions in place and
+    attaches one GradBuffer covering every trainable parameter; returns it. Idempotent: a second
+    call returns the same buffer."""
+    existing = getattr(model, "_memengine_grad_buffer", None)
+    if existing is not None:
+        return existing
+    for module in model.modules():
+        fused = _fused_class(module)
+        if fused is not None:
+            module._memengine_original_class = type(module)
+            module.__class__ = fused
+    buffer = GradBuffer(model)
+    model._memengine_grad_buffer = buffer
+    return buffer
+
+
+def unpatch(model):
+    """Restores the original module classes and releases the GradBuffer that patch() attached."""
+    for module in model.modules():
+        original = module.__dict__.pop("_memengine_original_class", None)
+        if original is not None:
+            module.__class__ = original
+    buffer = model.__dict__.pop("_memengine_grad_buffer", None)
+    if buffer is not None:
+        buffer.release()

@@ -1,0 +1,35 @@
+"""Fake (meta) kernels: shape and argument checks only, for torch.compile and the meta device."""
+
+from memengine.ops.validation import (
+    check_accumulate_args,
+    check_bias_grad_args,
+    check_clip_args,
+    check_grad_stats_args,
+    check_multi_accumulate_args,
+    check_wgrad_args,
+)
+
+
+def accumulate_fake(dst, src, alpha=1.0, alpha_tensor=None, overwrite=False):
+    check_accumulate_args(dst, src, alpha_tensor, check_memory=False)
+
+
+def multi_accumulate_fake(dsts, srcs, alpha=1.0, alpha_tensor=None, overwrite=False):
+    check_multi_accumulate_args(dsts, srcs, alpha_tensor, check_memory=False)
+
+
+def bias_grad_accumulate_fake(main_grad, grad_output, alpha=1.0, alpha_tensor=None, overwrite=False):
+    check_bias_grad_args(main_grad, grad_output, alpha_tensor, check_memory=False)
+
+
+def wgrad_accumulate_fake(main_grad, grad_output, input, alpha=1.0, alpha_tensor=None, overwrite=False):
+    check_wgrad_args(main_grad, grad_output, input, alpha_tensor, check_memory=False)
+
+
+def grad_stats_fake(flat, scale=1.0, scale_tensor=None):
+    check_grad_stats_args(flat, scale_tensor)
+    return flat.new_empty(2)
+
+
+def clip_fake(flat, stats, max_norm):
+    check_clip_args(flat, stats, max_norm)

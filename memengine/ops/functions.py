@@ -1,0 +1,108 @@
+"""Public kernel functions. Each runs on the backend chosen by memengine.ops.backend.select."""
+
+import torch
+
+from memengine.ops import backend as backend_selection
+from memengine.ops import reference
+
+OPS = ("accumulate_", "multi_accumulate_", "wgrad_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
+
+
+_implementations = {}
+
+
+def _implementation(op, backend):
+    """The compiled op memengine::<op>, the Triton op memengine::_triton_<op>, or the reference
+    kernel reference.<op without the trailing _>_reference_."""
+    if backend == "cpp":
+        return getattr(torch.ops.memengine, op).default
+    if backend == "triton":
+        return getattr(torch.ops.memengine, "_triton_" + op).default
+    return getattr(reference, op[:-1] + "_reference_")
+
+
+def _run(op, device_type, *args):
+    """Runs `op` on the backend backend.select picks. The callable is looked up once per
+    (op, backend): resolving torch.ops attributes on every call cost about 1 us."""
+    backend = backend_selection.select(op, device_type)
+    function = _implementations.get((op, backend))
+    if function is None:
+        function = _implementations[(op, backend)] = _implementation(op, backend)
+    return function(*args)
+
+
+def _split_alpha(alpha):
+    """(alpha float, alpha tensor or None) as the schemas take them."""
+    if isinstance(alpha, torch.Tensor):
+        return 1.0, alpha
+    return float(alpha), None
+
+
+def accumulate_(dst, src, alpha=1.0, overwrite=False):
+    """dst <- (0 if overwrite else dst) + alpha * float(src), in place; returns None.
+
+    dst: float32. src: same shape, float32, bfloat16 or float16, same device.
+    alpha: a Python float, or a 0-dim float32 tensor on dst's device (read on the device:
+    no host synchronisation). With alpha == 1 the result is bit-identical to dst.add_(src).
+    """
+    alpha_value, alpha_tensor = _split_alpha(alpha)
+    _run("accumulate_", dst.device.type, dst, src, alpha_value, alpha_tensor, overwrite)
+
+
+def multi_accumulate_(dsts, srcs, alpha=1.0, overwrite=False):
+    """accumulate_ for many (dst, src) pairs at once (one kernel launch per few dozen on CUDA).
+
+    Destinations must not overlap one another. alpha and overwrite apply to every pair.
+    """
+    dsts, srcs = list(dsts), list(srcs)
+    if not dsts and not srcs:
+        return
+    alpha_value, alpha_tensor = _split_alpha(alpha)
+    device = (dsts or srcs)[0].device
+    _run("multi_accumulate_", device.type, dsts, srcs, alpha_value, alpha_tensor, overwrite)
+
+
+def wgrad_accumulate_(main_grad, grad_output, input, alpha=1.0, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * grad_output^T @ input: the weight
+    gradient of a Linear layer, accumulated into its fp32 gradient buffer.
+
+    main_grad: float32 [out, in], row-major (a contiguous tensor or a row/column slice of one).
+    grad_output [..., out] and input [..., in]: the same dtype (bfloat16, float16 or float32) and
+    the same number of tokens (leading dimensions are flattened, without a copy when possible).
+    Products and sums are float32: the product is never rounded to the input dtype, and no
+    [out, in] temporary is allocated by the C++ and CUDA kernels. Zero tokens: nothing to add
+    (with overwrite, main_grad is zeroed). alpha: a Python float or a 0-dim float32 tensor.
+    """
+    alpha_value, alpha_tensor = _split_alpha(alpha)
+    _run(
+        "wgrad_accumulate_", main_grad.device.type, main_grad, grad_output, input, alpha_value, alpha_tensor, overwrite
+    )
+
+
+def bias_grad_accumulate_(main_grad, grad_output, alpha=1.0, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * (grad_output summed over all rows).
+
+    main_grad: float32 [out]. grad_output: [..., out], float32, bfloat16 or float16. The sums are
+    formed in float32 or better (never in grad_output's dtype) in a fixed order: deterministic.
+    alpha: a Python float or a 0-dim float32 tensor (read on the device).
+    """
+    alpha_value, alpha_tensor = _split_alpha(alpha)
+    _run("bias_grad_accumulate_", main_grad.device.type, main_grad, grad_output, alpha_value, alpha_tensor, overwrite)
+
+
+def grad_stats_(flat, scale=1.0):
+    """flat *= scale in place; returns a float32 tensor [2] on flat's device:
+    (L2 norm of the scaled finite values, number of non-finite values).
+
+    One pass over memory, deterministic (the same input gives the same bits on every call),
+    and no host synchronisation: `scale` may be a 0-dim float32 device tensor such as
+    1/num_tokens or 1/loss_scale. Non-finite values are counted and left out of the norm.
+    """
+    scale_value, scale_tensor = _split_alpha(scale)
+    return _run("grad_stats_", flat.device.type, flat, scale_value, scale_tensor)
+
+
+def clip_(flat, stats, max_norm):
+    """flat *= min(1, max_norm / (stats[0] + 1e-6)) unless stats[1] > 0 (a non-finite value:
+    the step will be skipped). Reads `stats` on the device: no host synchronisation."""
+    _run("clip_", flat.device.type, flat, stats, float(max_norm))

@@ -1,0 +1,80 @@
+"""The pure-PyTorch reference kernels of memengine's ops: registered for every device (so an op
+exists even without the compiled extension), and the oracle of the tests and the baseline of
+the benchmarks. Named <op without its trailing underscore>_reference_.
+"""
+
+import torch
+
+from memengine.ops.validation import (
+    check_accumulate_args,
+    check_bias_grad_args,
+    check_clip_args,
+    check_grad_stats_args,
+    check_multi_accumulate_args,
+    check_wgrad_args,
+)
+
+
+def accumulate_reference_(dst, src, alpha=1.0, alpha_tensor=None, overwrite=False):
+    """dst <- (0 if overwrite else dst) + alpha * float(src), in eager PyTorch."""
+    check_accumulate_args(dst, src, alpha_tensor)
+    _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite)
+
+
+def multi_accumulate_reference_(dsts, srcs, alpha=1.0, alpha_tensor=None, overwrite=False):
+    check_multi_accumulate_args(dsts, srcs, alpha_tensor)
+    for dst, src in zip(dsts, srcs, strict=True):
+        _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite)
+
+
+def _accumulate_pair_reference(dst, src, alpha, alpha_tensor, overwrite):
+    if dst.numel() == 0:
+        return
+    if alpha_tensor is None:
+        if overwrite:
+            torch.mul(src.to(torch.float32), alpha, out=dst)
+        else:
+            dst.add_(src, alpha=alpha)
+        return
+    scaled = src.to(torch.float32) * alpha_tensor.to(dst.device)
+    if overwrite:
+        dst.copy_(scaled)
+    else:
+        dst.add_(scaled)
+
+
+def bias_grad_accumulate_reference_(main_grad, grad_output, alpha=1.0, alpha_tensor=None, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * grad_output summed over all rows, in float32."""
+    check_bias_grad_args(main_grad, grad_output, alpha_tensor)
+    column_sums = grad_output.reshape(-1, main_grad.shape[0]).to(torch.float32).sum(0)
+    _accumulate_pair_reference(main_grad, column_sums, alpha, alpha_tensor, overwrite)
+
+
+def wgrad_accumulate_reference_(main_grad, grad_output, input, alpha=1.0, alpha_tensor=None, overwrite=False):
+    """main_grad <- (0 if overwrite else main_grad) + alpha * grad_output^T @ input, with both
+    flattened to [tokens, features]; products and sums in float32 (inputs are upcast first)."""
+    check_wgrad_args(main_grad, grad_output, input, alpha_tensor)
+    out_features, in_features = main_grad.shape
+    if main_grad.numel() == 0:
+        return
+    g2 = grad_output.reshape(-1, out_features).to(torch.float32)
+    x2 = input.reshape(-1, in_features).to(torch.float32)
+    _accumulate_pair_reference(main_grad, g2.t() @ x2, alpha, alpha_tensor, overwrite)
+
+
+def grad_stats_reference_(flat, scale=1.0, scale_tensor=None):
+    """flat *= scale; returns float32 [L2 norm of the finite values (computed in float64),
+    number of non-finite values], without leaving the device."""
+    check_grad_stats_args(flat, scale_tensor)
+    flat.mul_(scale if scale_tensor is None else scale_tensor.to(flat.device))
+    finite = torch.isfinite(flat)
+    norm = torch.linalg.vector_norm(torch.where(finite, flat, 0.0), dtype=torch.float64)
+    nonfinite = finite.numel() - finite.sum()
+    return torch.stack([norm.to(torch.float32), nonfinite.to(torch.float32)])
+
+
+def clip_reference_(flat, stats, max_norm):
+    """flat *= min(1, max_norm / (norm + 1e-6)) unless stats counted a non-finite value."""
+    check_clip_args(flat, stats, max_norm)
+    coefficient = torch.clamp(max_norm / (stats[0] + 1e-6), max=1.0)
+    flat.mul_(torch.where(stats[1] > 0, torch.ones_like(coefficient), coefficient))

@@ -1,0 +1,52 @@
+"""Peak memory as the allocator sees it: the CUDA caching allocator's statistics, or on CPU (where
+PyTorch keeps none) the profiler's record of every CPU allocation and free, summed in time order.
+This is the ground truth that the LiveBytes tracker and the planner's predictions are checked
+against."""
+
+import contextlib
+import os
+
+import torch
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ side logs start/stop lines to file descriptor 2; keep the table readable."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _cpu_peak_extra_bytes(fn):
+    """Peak of the bytes allocated through PyTorch's CPU allocator during the call (the profiler's
+    memory events, in time order). Buffers a library allocates itself (MKL's, oneDNN's) are not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
+def peak_extra_bytes(fn, device):
+    """Bytes allocated beyond what was live before the call: the CUDA allocator's statistics, or
+    on CPU (where PyTorch keeps none) the profiler's record of the CPU allocator."""
+    if device.type != "cuda":
+        return _cpu_peak_extra_bytes(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before

@@ -1,0 +1,161 @@
+"""MasterOptimizer and Engine: token normalisation across uneven micro-batches, clipping, fp16
+loss scaling, and master weights."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memengine as me
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=30, width=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.head(self.norm(h + torch.tanh(self.mix(h))))
+
+
+def summed_loss(model, batch):
+    """(sum of token losses over non-padding tokens, their count): padding is label -100."""
+    tokens, labels = batch["tokens"], batch["labels"]
+    logits = model(tokens).float()
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+def make_batch(rows=6, length=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 30, (rows, length), generator=generator)
+    labels = tokens.clone()
+    for row in range(rows):  # a different number of real tokens per row
+        labels[row, length - row :] = -100
+    return {"tokens": tokens, "labels": labels}
+
+
+def test_uneven_micro_batches_give_the_full_batch_gradient():
+    torch.manual_seed(0)
+    reference = TinyLM()
+    model = TinyLM()
+    model.load_state_dict(reference.state_dict())
+    batch = make_batch()
+    loss_sum, tokens = summed_loss(reference, batch)
+    (loss_sum / tokens).backward()  # the full-batch mean-loss gradient
+    engine = me.Engine(model, optimizer=functools.partial(torch.optim.SGD, lr=0.0), micro_batch_size=4)
+    stats = engine.step(batch, summed_loss)  # micro-batches of 4 and 2 rows, 22 and 5 real tokens
+    assert not stats["skipped"] and int(stats["tokens"]) == int(tokens)
+    torch.testing.assert_close(stats["loss"], (loss_sum / tokens).detach())
+    flat_reference = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    flat = torch.cat([p.main_grad.flatten() for p in model.parameters()])
+    relative_error = ((flat - flat_reference).norm() / flat_reference.norm()).item()
+    assert relative_error <= 1e-5, relative_error
+    torch.testing.assert_close(stats["grad_norm"], flat_reference.norm(), rtol=1e-5, atol=0)
+
+
+def test_clipping_and_sgd_step_match_pytorch():
+    torch.manual_seed(0)
+    reference = TinyLM()
+    model = TinyLM()
+    model.load_state_dict(reference.state_dict())
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    engine = me.Engine(model, optimizer=functools.partial(torch.optim.SGD, lr=0.5), micro_batch_size=2, max_norm=0.1)
+    for seed in range(3):
+        batch = make_batch(seed=seed)
+        reference_optimizer.zero_grad()
+        loss_sum, tokens = summed_loss(reference, batch)
+        (loss_sum / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        reference_optimizer.step()
+        engine.step(batch, summed_loss)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_model_with_master_weights_tracks_fp32_training():
+    torch.manual_seed(0)
+    reference = TinyLM()
+    model = TinyLM().to(torch.bfloat16)
+    model.load_state_dict(reference.state_dict())
+    engine = me.Engine(model, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), micro_batch_size=3)
+    assert all(p.grad is None for p in model.parameters())
+    masters = [m for p, m in engine.optimizer.masters]
+    assert all(m.dtype == torch.float32 for m in masters)
+    for seed in range(3):
+        stats = engine.step(make_batch(seed=seed), summed_loss)
+        assert not stats["skipped"]
+        assert all(p.grad is None for p in model.parameters())  # no bf16 gradient set, ever
+    for p, master in engine.optimizer.masters:
+        assert torch.equal(p, master.to(torch.bfloat16))  # refreshed from the masters
+    state = engine.optimizer.state_dict()
+    before = [m.detach().clone() for m in masters]
+    engine.step(make_batch(seed=9), summed_loss)
+    engine.optimizer.load_state_dict(state)
+    for m, b in zip(masters, before, strict=True):
+        assert torch.equal(m, b)
+    for p, master in engine.optimizer.masters:
+        assert torch.equal(p, master.to(torch.bfloat16))
+
+
+def test_fp16_non_finite_gradient_skips_the_step_and_lowers_the_scale():
+    torch.manual_seed(0)
+    model = TinyLM().to(torch.float16)
+    engine = me.Engine(model, optimizer=functools.partial(torch.optim.SGD, lr=0.1), micro_batch_size=3)
+    assert engine.loss_scale == 2.0**16
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    def exploding_loss(model, batch):
+        loss, tokens = summed_loss(model, batch)
+        return loss * 1e30, tokens  # overflows in the fp16 backward
+
+    stats = engine.step(make_batch(), exploding_loss)
+    assert stats["skipped"] and engine.loss_scale == 2.0**15
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    stats = engine.step(make_batch(), summed_loss)
+    assert not stats["skipped"] and torch.isfinite(stats["grad_norm"])
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_batch_splitting_errors():
+    from memengine.engine import split_batch
+
+    assert [t.shape[0] for t in split_batch(torch.zeros(5, 3), 2)] == [2, 2, 1]
+    parts = split_batch((torch.zeros(4), {"a": torch.ones(4, 2)}), 3)
+    assert len(parts) == 2 and parts[1][1]["a"].shape == (1, 2)
+    with pytest.raises(ValueError, match="do not split into the same number of micro-batches"):
+        split_batch({"a": torch.zeros(4), "b": torch.zeros(6)}, 2)
+    with pytest.raises(TypeError, match="a batch must be a tensor"):
+        split_batch("text", 2)
+
+
+def test_activation_budget_plans_the_blocks_and_changes_no_result():
+    from memengine.models import GPT
+
+    def gpt_loss(model, tokens):
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"), tokens[:, 1:].numel()
+
+    config = dict(vocab=64, width=32, layers=6, heads=4, length=16)
+    torch.manual_seed(0)
+    plain, budgeted = GPT(**config), GPT(**config)
+    budgeted.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    engines = [me.Engine(plain, sgd, micro_batch_size=2), me.Engine(budgeted, sgd, micro_batch_size=2, budget="200KiB")]
+    for _ in range(2):
+        losses = [engine.step(tokens, gpt_loss)["loss"] for engine in engines]
+        assert torch.equal(*losses)
+    for a, b in zip(plain.parameters(), budgeted.parameters(), strict=True):
+        assert torch.equal(a, b)
+    handle = engines[1].segment_handle
+    assert handle.blocks == list(budgeted.blocks) and any(s.policy != "keep" for s in handle.plan)
+    assert me.plan.simulate(handle.chain, handle.plan)["peak_bytes"] <= 200 * 1024
+    assert engines[0].segment_handle is None
+    with pytest.raises(ValueError, match="no list of repeated blocks found in TinyLM"):
+        me.Engine(TinyLM(), sgd, micro_batch_size=2, budget=1 << 20).step(make_batch(), summed_loss)
