@@ -1,5 +1,6 @@
 // CPU kernel of clip_: flat <- flat * min(1, max_norm / (norm + 1e-6)) unless the statistics
-// counted a non-finite value. When the factor is 1 the buffer is not touched at all.
+// counted a non-finite value or the norm is not finite. When the factor is 1 the buffer is not
+// touched at all.
 #include "grad_stats.h"
 
 #include <ATen/Parallel.h>

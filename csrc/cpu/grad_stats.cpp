@@ -1,5 +1,6 @@
 // CPU kernel of grad_stats_: flat <- flat * scale, returns [L2 norm of the finite scaled values,
-// count of non-finite values] in one pass over memory.
+// count of non-finite values] in one pass over memory (a norm beyond float32's range is +inf and
+// counted as one more non-finite value; see finish_grad_stats in memengine/grad_stats.h).
 //
 // Determinism: the buffer is cut into fixed 64 Ki-element blocks whatever the thread count;
 // each block sums its squares in a fixed order and the block sums are added in block order.
@@ -9,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -104,8 +104,7 @@ at::Tensor grad_stats_(const at::Tensor& flat, double scale, const std::optional
     nonfinite += block.nonfinite;
   }
   at::Tensor result = at::empty({2}, flat.options());
-  result.data_ptr<float>()[0] = static_cast<float>(std::sqrt(sum_of_squares));
-  result.data_ptr<float>()[1] = static_cast<float>(nonfinite);
+  finish_grad_stats(sum_of_squares, nonfinite, result.data_ptr<float>());
   return result;
 }
 

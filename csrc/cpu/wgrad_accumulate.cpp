@@ -4,7 +4,8 @@
 // CUDA-only), so its "lossy" path rounds G^T X to bf16 and its exact path first copies both
 // inputs to fp32. Here the product goes straight into main_grad with fp32 sums, through one of
 // three GEMMs (chosen in choose_path(), see wgrad_accumulate.h): MKL's mixed-precision GEMM,
-// memengine's AVX512-BF16 kernel, or bounded fp32 chunks. Never a full-size temporary.
+// memengine's AVX512-BF16 kernel, or bounded fp32 chunks. Never a full-size temporary, and never
+// a change to a process-wide setting.
 #include "wgrad_accumulate.h"
 
 #include <ATen/Context.h>
@@ -91,45 +92,60 @@ WgradPath choose_path(bool half) {
   return WgradPath::chunked;
 }
 
-// Sets oneDNN's precision for fp32 matmul for the lifetime of the guard (the setting is global).
-class MatmulPrecisionGuard {
- public:
-  explicit MatmulPrecisionGuard(at::Float32Precision precision)
-      : saved_(at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL)) {
-    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, precision);
+// Whether PyTorch's fp32 addmm sums the exact products of these operands' values in IEEE fp32
+// under the user's oneDNN setting (torch.backends.mkldnn.matmul.fp32_precision). That setting is
+// process-wide, so it is only read, never changed: a kernel that set it, even for the length of a
+// call, ran other threads' fp32 matmuls at its precision (and two concurrent calls left it at bf16
+// for good). bf16 values are exact in bf16 and tf32, fp16 values in tf32 but not in bf16.
+bool addmm_is_exact_for(at::ScalarType operands) {
+  switch (at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL)) {
+    case at::Float32Precision::BF16:
+      return operands == at::kBFloat16;
+    case at::Float32Precision::TF32:
+      return operands != at::kFloat;
+    default:
+      return true;
   }
-  ~MatmulPrecisionGuard() {
-    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, saved_);
-  }
-  MatmulPrecisionGuard(const MatmulPrecisionGuard&) = delete;
-  MatmulPrecisionGuard& operator=(const MatmulPrecisionGuard&) = delete;
+}
 
- private:
-  at::Float32Precision saved_;
-};
-
-// Bytes of fp32 copies the chunked path holds at once, and its most tokens per addmm: each chunk's
-// sum is added to main_grad separately, which kept oneDNN's bf16 fast-math error at the exact fp32
-// path's (4100 tokens, 64 x 48: 2.5x its error in one call, 0.8x in chunks of 256 tokens).
+// Bytes of copies the chunked path holds at once, and its most tokens per addmm: each chunk's sum
+// is added to main_grad separately, which keeps oneDNN's error at the exact fp32 path's when the
+// user's setting lets it multiply bf16 (4100 tokens, 64 x 48: 2.5x its error in one call, 0.8x in
+// chunks of 256 tokens).
 constexpr int64_t kChunkBytes = int64_t{32} << 20;
 constexpr int64_t kChunkTokens = 256;
 
-// PyTorch's addmm_ on fp32 operands: the inputs themselves when they are fp32, else fp32 copies
-// of bounded token chunks. bf16 operands use oneDNN's bf16 fast math, exact for values that are
-// bf16 already; fp16 and fp32 operands use IEEE fp32 whatever the user's global setting is.
+// main_grad (+)= alpha * G^T X through PyTorch's addmm_ on fp32 operands: the inputs themselves
+// when they are fp32, else fp32 copies of bounded token chunks. Where the user's setting would
+// round the operands (addmm_is_exact_for), the chunks are fp64 instead, multiplied a bounded
+// block of main_grad's rows at a time: fp64 GEMMs never lower their precision, and their sums,
+// rounded once into main_grad, are at least as exact as fp32 ones.
 void addmm_in_chunks(const at::Tensor& main_grad, const at::Tensor& g, const at::Tensor& x, float alpha,
                      bool overwrite) {
-  const MatmulPrecisionGuard precision(g.scalar_type() == at::kBFloat16 ? at::Float32Precision::BF16
-                                                                        : at::Float32Precision::IEEE);
-  at::Tensor out = main_grad;  // addmm_ needs a non-const Tensor; this one is a handle to the same buffer
-  const int64_t tokens = g.size(0);
-  const int64_t chunk = g.scalar_type() == at::kFloat
-                            ? tokens
-                            : std::clamp<int64_t>(kChunkBytes / (4 * (g.size(1) + x.size(1))), 1, kChunkTokens);
+  const bool in_fp32 = addmm_is_exact_for(g.scalar_type());
+  const at::ScalarType compute = in_fp32 ? at::kFloat : at::kDouble;
+  const int64_t tokens = g.size(0), out_features = g.size(1), in_features = x.size(1);
+  const int64_t bytes_per_token = (in_fp32 ? 4 : 8) * (out_features + in_features);
+  const int64_t chunk =
+      g.scalar_type() == compute ? tokens : std::clamp<int64_t>(kChunkBytes / bytes_per_token, 1, kChunkTokens);
+  // fp32: addmm_ writes main_grad in place. fp64: each block's product is a temporary.
+  const int64_t rows = in_fp32 ? out_features : std::clamp<int64_t>(kChunkBytes / (8 * in_features), 1, out_features);
   for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
     const int64_t t1 = std::min(tokens, t0 + chunk);
-    const at::Tensor g_chunk = g.slice(0, t0, t1).to(at::kFloat), x_chunk = x.slice(0, t0, t1).to(at::kFloat);
-    out.addmm_(g_chunk.t(), x_chunk, overwrite && t0 == 0 ? 0 : 1, alpha);
+    const at::Tensor g_chunk = g.slice(0, t0, t1).to(compute), x_chunk = x.slice(0, t0, t1).to(compute);
+    const bool first = overwrite && t0 == 0;  // then main_grad's old values (NaN included) are ignored
+    for (int64_t r0 = 0; r0 < out_features; r0 += rows) {
+      const int64_t r1 = std::min(out_features, r0 + rows);
+      at::Tensor out = main_grad.slice(0, r0, r1);
+      const at::Tensor g_rows = g_chunk.slice(1, r0, r1).t();
+      if (in_fp32) {
+        out.addmm_(g_rows, x_chunk, first ? 0 : 1, alpha);
+      } else if (first) {
+        out.copy_(at::mm(g_rows, x_chunk).mul_(static_cast<double>(alpha)));
+      } else {
+        out.add_(at::mm(g_rows, x_chunk), alpha);  // computed in fp64, rounded once
+      }
+    }
   }
 }
 

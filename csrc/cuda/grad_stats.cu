@@ -1,4 +1,5 @@
-// CUDA kernels of grad_stats_: flat <- flat * scale; [L2 norm of the finite values, non-finite count].
+// CUDA kernels of grad_stats_: flat <- flat * scale; [L2 norm of the finite values, non-finite count]
+// (a norm beyond float32's range is +inf and counted as non-finite: finish_grad_stats).
 //
 // Deterministic without atomics: the number of partial blocks depends only on the size (not on
 // the device), each block reduces its grid-stride share in a fixed tree, and one final block
@@ -75,10 +76,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   squares = block_sum(squares, shared_squares);
   nonfinite = block_sum(nonfinite, shared_counts);
-  if (threadIdx.x == 0) {
-    out[0] = static_cast<float>(sqrt(squares));
-    out[1] = static_cast<float>(nonfinite);
-  }
+  if (threadIdx.x == 0) finish_grad_stats(squares, nonfinite, out);
 }
 
 }  // namespace

@@ -55,5 +55,12 @@ int main() {
           memengine::cpu::bias_grad_accumulate_(at::zeros({5}, at::kHalf), at::zeros({3, 5}), 1.0, std::nullopt, false);
         }),
         "rejects a float16 main_grad");
+  check(throws_value_error(
+            [] {
+              memengine::cpu::bias_grad_accumulate_(at::zeros({1}).expand({5}), at::ones({3, 5}), 1.0, std::nullopt,
+                                                    false);
+            },
+            "main_grad has elements that share memory"),
+        "rejects an expanded main_grad");
   return memengine::testing::finish();
 }

@@ -43,6 +43,29 @@ void test_isa(const char* isa) {
     check(std::fabs(stats[0].item<float>() - norm) <= std::fabs(norm) * 1.2e-7f, name + " norm");
     check(stats[1].item<float>() == static_cast<float>(nonfinite), name + " non-finite count");
   }
+  // Finite values whose norm float32 cannot hold: +inf, counted as one more non-finite value.
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  const float kInf = std::numeric_limits<float>::infinity();
+  struct LargeNorm {
+    const char* name;
+    at::Tensor values;
+    float norm, nonfinite;
+  };
+  const LargeNorm large_norms[] = {
+      {"representable 1e32", at::full({10000}, 1e30f), static_cast<float>(std::sqrt(1e4 * double{1e30f} * 1e30f)), 0},
+      {"overflowing", at::full({100}, 3e38f), kInf, 1},
+      {"just above FLT_MAX", at::tensor({std::numeric_limits<float>::max(), std::ldexp(1.0f, 110)}), kInf, 1},
+      {"overflowing with a NaN", at::cat({at::full({100}, 3e38f), at::tensor({kNaN})}), kInf, 2},
+  };
+  for (const LargeNorm& large : large_norms) {
+    const at::Tensor stats = memengine::cpu::grad_stats_(large.values.clone(), 1.0, std::nullopt);
+    const std::string name = std::string(isa) + " " + large.name;
+    const float norm = stats[0].item<float>();
+    check(std::isinf(large.norm) ? norm == large.norm : std::fabs(norm - large.norm) <= large.norm * 1.2e-7f,
+          name + " norm");
+    check(stats[1].item<float>() == large.nonfinite, name + " non-finite count");
+  }
+
   const at::Tensor flat = at::randn({1000003});
   at::set_num_threads(1);
   const at::Tensor one_thread = memengine::cpu::grad_stats_(flat.clone(), 0.5, std::nullopt);
@@ -64,6 +87,12 @@ int main() {
   const at::Tensor skipped = at::ones({100});
   memengine::cpu::clip_(skipped, at::tensor({10.0f, 1.0f}), 1.0);
   check(at::equal(skipped, at::ones({100})), "clip_ leaves a step with non-finite values alone");
+  for (const float norm : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+    const at::Tensor untouched = at::ones({100});
+    memengine::cpu::clip_(untouched, at::tensor({norm, 0.0f}), 1.0);
+    check(at::equal(untouched, at::ones({100})), "clip_ leaves the buffer alone when the norm is " +
+                                                     std::to_string(norm));
+  }
   check(throws_value_error([] { memengine::cpu::grad_stats_(at::zeros({4}, at::kHalf), 1.0, std::nullopt); }),
         "grad_stats_ rejects float16");
   check(throws_value_error([] { memengine::cpu::clip_(at::zeros({4}), at::zeros({3}), 1.0); }),

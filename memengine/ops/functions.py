@@ -97,6 +97,9 @@ def grad_stats_(flat, scale=1.0):
     One pass over memory, deterministic (the same input gives the same bits on every call),
     and no host synchronisation: `scale` may be a 0-dim float32 device tensor such as
     1/num_tokens or 1/loss_scale. Non-finite values are counted and left out of the norm.
+    When the norm of the finite values is beyond float32's range (their float64 sum of squares
+    has a square root above torch.finfo(torch.float32).max), the norm is +inf and the count is
+    one higher: a step that skips on stats[1] > 0 skips it as it would a non-finite value.
     """
     scale_value, scale_tensor = _split_alpha(scale)
     return _run("grad_stats_", flat.device.type, flat, scale_value, scale_tensor)
@@ -104,5 +107,6 @@ def grad_stats_(flat, scale=1.0):
 
 def clip_(flat, stats, max_norm):
     """flat *= min(1, max_norm / (stats[0] + 1e-6)) unless stats[1] > 0 (a non-finite value:
-    the step will be skipped). Reads `stats` on the device: no host synchronisation."""
+    the step will be skipped) or stats[0] is not finite; then flat is left as it is. Reads
+    `stats` on the device: no host synchronisation."""
     _run("clip_", flat.device.type, flat, stats, float(max_norm))

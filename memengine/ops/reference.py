@@ -64,17 +64,33 @@ def wgrad_accumulate_reference_(main_grad, grad_output, input, alpha=1.0, alpha_
 
 def grad_stats_reference_(flat, scale=1.0, scale_tensor=None):
     """flat *= scale; returns float32 [L2 norm of the finite values (computed in float64),
-    number of non-finite values], without leaving the device."""
+    number of non-finite values], without leaving the device. A norm beyond float32's range
+    is +inf and counts as one more non-finite value (grad_stats_result)."""
     check_grad_stats_args(flat, scale_tensor)
     flat.mul_(scale if scale_tensor is None else scale_tensor.to(flat.device))
     finite = torch.isfinite(flat)
     norm = torch.linalg.vector_norm(torch.where(finite, flat, 0.0), dtype=torch.float64)
-    nonfinite = finite.numel() - finite.sum()
-    return torch.stack([norm.to(torch.float32), nonfinite.to(torch.float32)])
+    return grad_stats_result(norm, finite.numel() - finite.sum())
+
+
+def grad_stats_result(norm, nonfinite):
+    """grad_stats_'s float32 [norm, non-finite count] from the float64 norm of the finite values
+    and their (0-dim tensor) count, on the device (shared with the Triton kernel; the compiled
+    kernels' finish_grad_stats in csrc/include/memengine/grad_stats.h does the same).
+
+    A norm float32 cannot represent (> its largest value, including norms just above it that a
+    cast would round down to that value) is +inf and counts as one more non-finite value, so that
+    everything that skips the step on stats[1] > 0 (clip_, Engine.step) skips it: clipping by
+    max_norm / inf = 0 would step with a zeroed gradient."""
+    unrepresentable = norm > torch.finfo(torch.float32).max
+    norm = torch.where(unrepresentable, float("inf"), norm)
+    return torch.stack([norm.to(torch.float32), (nonfinite + unrepresentable).to(torch.float32)])
 
 
 def clip_reference_(flat, stats, max_norm):
-    """flat *= min(1, max_norm / (norm + 1e-6)) unless stats counted a non-finite value."""
+    """flat *= min(1, max_norm / (norm + 1e-6)) unless stats counted a non-finite value or the
+    norm is not finite (then the buffer is left as it is)."""
     check_clip_args(flat, stats, max_norm)
     coefficient = torch.clamp(max_norm / (stats[0] + 1e-6), max=1.0)
-    flat.mul_(torch.where(stats[1] > 0, torch.ones_like(coefficient), coefficient))
+    skip = (stats[1] > 0) | ~torch.isfinite(stats[0])
+    flat.mul_(torch.where(skip, torch.ones_like(coefficient), coefficient))

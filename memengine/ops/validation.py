@@ -28,6 +28,17 @@ def _share_bytes(a, b):
     return a_begin < b_end and b_begin < a_end
 
 
+def check_no_internal_overlap(op, written, name):
+    """A tensor a kernel writes must own each of its elements: with internal overlap (an expand()ed
+    view) several outputs land on one element, a data race on CUDA and a wrong sum on the CPU."""
+    if torch._debug_has_internal_overlap(written) == 1:  # 1: MemOverlap::Yes
+        _fail(
+            op,
+            f"{name} has elements that share memory (for example a view made by expand()); "
+            f"pass a tensor that owns each element, e.g. {name}.contiguous()",
+        )
+
+
 def check_accumulate_pair(op, dst, src, dst_name, src_name, check_memory=True):
     if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
         _fail(op, f"{dst_name} and {src_name} must be tensors")
@@ -56,12 +67,7 @@ def check_accumulate_pair(op, dst, src, dst_name, src_name, check_memory=True):
         )
     if not check_memory or dst.numel() == 0:
         return
-    if torch._debug_has_internal_overlap(dst) == 1:
-        _fail(
-            op,
-            f"{dst_name} has elements that share memory (for example a view made by expand()); "
-            f"pass a tensor that owns each element, e.g. {dst_name}.contiguous()",
-        )
+    check_no_internal_overlap(op, dst, dst_name)
     same_view = dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride() and dst.dtype == src.dtype
     if not same_view and _share_bytes(dst, src):
         _fail(op, f"{dst_name} and {src_name} overlap in memory; pass a copy of {src_name} ({src_name}.clone())")
@@ -167,8 +173,10 @@ def check_bias_grad_args(main_grad, grad_output, alpha_tensor, check_memory=True
         )
     if grad_output.device != main_grad.device:
         _fail(op, f"grad_output is on {grad_output.device} but main_grad is on {main_grad.device}")
-    if check_memory and main_grad.numel() > 0 and grad_output.numel() > 0 and _share_bytes(main_grad, grad_output):
-        _fail(op, "main_grad and grad_output overlap in memory; pass a copy of grad_output")
+    if check_memory and main_grad.numel() > 0:
+        check_no_internal_overlap(op, main_grad, "main_grad")
+        if grad_output.numel() > 0 and _share_bytes(main_grad, grad_output):
+            _fail(op, "main_grad and grad_output overlap in memory; pass a copy of grad_output")
     check_scalar_tensor(op, alpha_tensor, main_grad.device)
 
 

@@ -1,4 +1,5 @@
-"""Triton kernel of clip_: flat *= min(1, max_norm / (norm + 1e-6)) unless stats[1] > 0.
+"""Triton kernel of clip_: flat *= min(1, max_norm / (norm + 1e-6)) unless stats[1] > 0 or the
+norm is not finite (max_norm / inf = 0 would erase the gradient of a step that is skipped anyway).
 
 The factor is computed on the device from `stats` by every program: no host synchronisation.
 """
@@ -18,7 +19,8 @@ def _clip_kernel(x_ptr, stats_ptr, max_norm, n, BLOCK: tl.constexpr):
     norm = tl.load(stats_ptr)
     nonfinite = tl.load(stats_ptr + 1)
     coefficient = tl.minimum(tl.cast(max_norm, tl.float32) / (norm + 1e-6), 1.0)
-    coefficient = tl.where(nonfinite > 0, 1.0, coefficient)
+    norm_is_finite = (norm - norm) == 0.0  # norm - norm is NaN for inf and NaN
+    coefficient = tl.where((nonfinite > 0) | (~norm_is_finite), 1.0, coefficient)
     if coefficient < 1.0:
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n

@@ -1,7 +1,8 @@
 """Triton kernel of grad_stats_: flat *= scale; [L2 norm of finite values, non-finite count].
 
 Each program scales one block and writes its partial sum of squares (float64) and count; the
-partials are then added by torch in a fixed order, so results are deterministic.
+partials are then added by torch in a fixed order, so results are deterministic. A norm beyond
+float32's range is +inf and counts as one more non-finite value (reference.grad_stats_result).
 """
 
 import torch
@@ -9,6 +10,7 @@ import triton
 import triton.language as tl
 
 from memengine.ops import fake
+from memengine.ops.reference import grad_stats_result
 from memengine.ops.validation import check_grad_stats_args
 
 BLOCK_SIZE = 4096
@@ -66,7 +68,7 @@ def triton_grad_stats_(
             SCALE_FROM_TENSOR=scale_tensor is not None,
             BLOCK=BLOCK_SIZE,
         )
-    return torch.stack([squares.sum().sqrt().to(torch.float32), counts.sum().to(torch.float32)])
+    return grad_stats_result(squares.sum().sqrt(), counts.sum())
 
 
 triton_grad_stats_.register_fake(fake.grad_stats_fake)

@@ -81,6 +81,21 @@ def test_zero_rows_and_bad_input(use_backend, backend):
         me.ops.bias_grad_accumulate_(buffer[:5], buffer[3:18].view(3, 5))
 
 
+@pytest.mark.parametrize("backend", backends_for("cpu", "bias_grad_accumulate_"))
+@pytest.mark.parametrize("overwrite", [False, True], ids=["accumulate", "overwrite"])
+def test_main_grad_with_internal_overlap_is_rejected(use_backend, backend, overwrite):
+    """An expand()ed main_grad maps many outputs to one element: the sums would race (CUDA) or
+    silently come out wrong (C++). Every backend rejects it like accumulate_ does its dst."""
+    use_backend(backend)
+    main_grad = torch.zeros(1).expand(5)
+    with pytest.raises(
+        ValueError,
+        match=r"bias_grad_accumulate_: main_grad has elements that share memory .*main_grad\.contiguous\(\)",
+    ):
+        me.ops.bias_grad_accumulate_(main_grad, torch.ones(3, 5), overwrite=overwrite)
+    assert main_grad.tolist() == [0.0] * 5
+
+
 @pytest.mark.parametrize("op_name", ["bias_grad_accumulate_", "_triton_bias_grad_accumulate_"])
 def test_opcheck(op_name):
     from memengine import triton as triton_backend

@@ -103,6 +103,58 @@ def test_clip_matches_reference(use_backend, backend, case):
         torch.testing.assert_close(flat, original, rtol=0, atol=0, equal_nan=True)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+# name: (values, scale, the fp64 norm of the scaled values, whether it exceeds float32's largest value)
+LARGE_NORMS = {
+    "large but representable": (torch.full((10_000,), 1e30), 1.0),
+    "overflowing": (torch.full((100,), 3e38), 1.0),
+    "overflowing after scaling": (torch.full((100,), 3e37), 10.0),
+    "just above float32 max": (torch.tensor([FLOAT32_MAX, 2.0**110]), 1.0),  # float(norm) would round to max
+    "overflowing with a NaN": (torch.cat([torch.full((100,), 3e38), torch.tensor([float("nan")])]), 1.0),
+}
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu", "grad_stats_"))
+@pytest.mark.parametrize("case", list(LARGE_NORMS))
+def test_norm_beyond_float32_counts_as_nonfinite(use_backend, backend, case):
+    """Finite values whose norm float32 cannot hold: the norm is +inf and the non-finite count grows
+    by one, so every consumer that skips the step on stats[1] > 0 skips it (clip_ included), instead
+    of clipping by max_norm / inf = 0 and stepping with a zeroed gradient."""
+    use_backend(backend)
+    values, scale = LARGE_NORMS[case]
+    expected_flat, _, expected_count = oracle(values, scale)
+    norm64 = expected_flat[torch.isfinite(expected_flat)].double().pow(2).sum().sqrt()
+    overflows = bool(norm64 > FLOAT32_MAX)
+    assert overflows == (case != "large but representable")  # the cases test what they say
+    flat = values.clone()
+    stats = me.ops.grad_stats_(flat, scale)
+    torch.testing.assert_close(flat, expected_flat, rtol=0, atol=0, equal_nan=True)
+    if overflows:
+        assert stats.tolist() == [float("inf"), expected_count + 1]
+    else:
+        assert abs(stats[0] - norm64.float()) <= ulp(norm64.float()) and stats[1].item() == expected_count
+    reference_stats = _ops.grad_stats_reference_(values.clone(), scale)
+    assert stats[1] == reference_stats[1] and (overflows == torch.isinf(reference_stats[0]).item())
+    before = flat.clone()
+    me.ops.clip_(flat, stats, 1.0)
+    if overflows:
+        torch.testing.assert_close(flat, before, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert abs(flat.double().norm().item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu", "clip_"))
+@pytest.mark.parametrize("norm", [float("inf"), float("nan")])
+def test_clip_leaves_buffer_alone_when_norm_is_not_finite(use_backend, backend, norm):
+    """Even with a zero non-finite count (stats from elsewhere), a norm of inf or NaN has no meaningful
+    clip factor (max_norm / inf = 0 would zero the gradient): the buffer is left untouched."""
+    use_backend(backend)
+    flat = make(1000, 4)
+    before = flat.clone()
+    me.ops.clip_(flat, torch.tensor([norm, 0.0]), 1.0)
+    assert torch.equal(flat, before)
+
+
 @pytest.mark.parametrize("backend", backends_for("cpu", "clip_"))
 def test_clip_bad_input(use_backend, backend):
     use_backend(backend)

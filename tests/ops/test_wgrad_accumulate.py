@@ -1,7 +1,11 @@
 """wgrad_accumulate_: every backend (and every CPU GEMM path) against an fp64 oracle, within the
 DESIGN.md tolerance: error at most 2x that of PyTorch's exact fp32 path on the same inputs."""
 
+import contextlib
+import functools
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -47,7 +51,8 @@ def wgrad_cpu_path(request):
     _extension.C.set_wgrad_cpu_path("auto")
 
 
-def run_cases(dtype, shapes, device="cpu"):
+def run_cases(dtype, shapes, device="cpu", around_kernel=contextlib.nullcontext):
+    """Runs each case's kernel inside `around_kernel()` and checks it against the oracle outside."""
     for tokens, out_features, in_features in shapes:
         for overwrite, alpha in [(False, 0.5), (True, 1.0), (False, torch.tensor(0.25, device=device))]:
             grad_output = make((tokens, out_features), dtype, 1, device)
@@ -56,7 +61,8 @@ def run_cases(dtype, shapes, device="cpu"):
             if overwrite:
                 main_grad.fill_(float("nan"))  # must be ignored, not propagated
             before = main_grad.clone()
-            me.ops.wgrad_accumulate_(main_grad, grad_output, input, alpha=alpha, overwrite=overwrite)
+            with around_kernel():
+                me.ops.wgrad_accumulate_(main_grad, grad_output, input, alpha=alpha, overwrite=overwrite)
             check_against_oracle(main_grad.cpu(), before.cpu(), grad_output.cpu(), input.cpu(), alpha, overwrite)
 
 
@@ -82,23 +88,74 @@ def test_cpu_path_reported(wgrad_cpu_path):
         assert _extension.C.wgrad_cpu_path("float16") in ("mkl", "chunked")
 
 
+@contextlib.contextmanager
+def user_matmul_precision(precision):
+    """The user's process-wide oneDNN fp32 matmul precision while the kernel runs; the oracle's own
+    fp32 matmul runs after it is restored."""
+    matmul = torch.backends.mkldnn.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+        assert matmul.fp32_precision == precision  # the kernel left the user's setting alone
+    finally:
+        matmul.fp32_precision = previous
+
+
 @pytest.mark.parametrize("wgrad_cpu_path", ["chunked"], indirect=True)
-def test_fp32_inputs_stay_exact_and_matmul_precision_is_restored(use_backend, wgrad_cpu_path):
-    """fp32 inputs use IEEE fp32 even when the user enabled oneDNN's bf16 fast math, and the
-    chunked path's temporary change of that global setting is undone."""
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_path_stays_exact_under_the_users_lowered_precision(use_backend, wgrad_cpu_path, precision, dtype):
+    """Where the user let oneDNN round fp32 matmul operands to bf16 or tf32, operands that format does
+    not hold exactly (fp16 in bf16, fp32 in both) are multiplied in fp64 chunks instead: still exact."""
+    use_backend("cpp")
+    run_cases(dtype, SHAPES + [(4100, 64, 48)], around_kernel=functools.partial(user_matmul_precision, precision))
+
+
+def global_matmul_precision():
+    """The process-wide settings that decide the precision of PyTorch's fp32 matmuls on the CPU (read
+    through the new API only: torch.get_float32_matmul_precision() raises once the two APIs were mixed)."""
+    return (
+        torch.backends.mkldnn.matmul.fp32_precision,
+        torch.backends.mkldnn.fp32_precision,
+        torch.backends.fp32_precision,
+    )
+
+
+@pytest.mark.parametrize("wgrad_cpu_path", ["chunked"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_path_never_touches_global_matmul_precision(use_backend, wgrad_cpu_path, dtype):
+    """The precision of fp32 matmuls is process-wide: a kernel that changed it, even for a moment,
+    would run other threads' matmuls at the wrong precision (two concurrent calls once left it at bf16
+    for good). Two threads run the kernel while this one watches the setting: it must never change."""
     use_backend("cpp")
     matmul = torch.backends.mkldnn.matmul
     previous = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    g, x = make((300, 40), torch.float32, 1), make((300, 24), torch.float32, 2)
-    main_grad = torch.zeros(40, 24)
+    matmul.fp32_precision = "none"  # the default; the old kernel set "bf16" or "ieee" while it ran
+    expected = global_matmul_precision()
+    g, x = make((2000, 64), dtype, 1), make((2000, 48), dtype, 2)
+    stop = threading.Event()
+
+    def run_kernel():
+        while not stop.is_set():
+            me.ops.wgrad_accumulate_(torch.zeros(64, 48), g, x)
+
+    workers = [threading.Thread(target=run_kernel) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    seen = set()
     try:
-        me.ops.wgrad_accumulate_(main_grad, g, x)
-        me.ops.wgrad_accumulate_(torch.zeros(40, 24), g.bfloat16(), x.bfloat16())
-        assert matmul.fp32_precision == "bf16"
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            seen.add(global_matmul_precision())
     finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        after = global_matmul_precision()
         matmul.fp32_precision = previous
-    check_against_oracle(main_grad, torch.zeros(40, 24), g, x, 1.0, False)  # under the user's own setting
+    assert seen == {expected}
+    assert after == expected
 
 
 def test_unknown_cpu_path_is_an_error():

@@ -23,8 +23,11 @@ inline void check_bias_grad_args(const at::Tensor& main_grad, const at::Tensor& 
                     ", got grad_output of shape ", grad_output.sizes());
   TORCH_CHECK_VALUE(grad_output.device() == main_grad.device(), op, ": grad_output is on ", grad_output.device(),
                     " but main_grad is on ", main_grad.device());
-  TORCH_CHECK_VALUE(main_grad.numel() == 0 || grad_output.numel() == 0 || !share_bytes(main_grad, grad_output), op,
-                    ": main_grad and grad_output overlap in memory; pass a copy of grad_output");
+  if (main_grad.numel() > 0) {
+    check_no_internal_overlap(op, main_grad, "main_grad");
+    TORCH_CHECK_VALUE(grad_output.numel() == 0 || !share_bytes(main_grad, grad_output), op,
+                      ": main_grad and grad_output overlap in memory; pass a copy of grad_output");
+  }
   check_scalar_tensor(op, alpha_tensor, main_grad.device());
 }
 

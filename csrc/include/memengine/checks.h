@@ -40,6 +40,15 @@ inline bool is_supported_source_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
+// A tensor a kernel writes must own each of its elements: with internal overlap (an expand()ed
+// view) several outputs land on one element, a data race on CUDA and a wrong sum on the CPU.
+inline void check_no_internal_overlap(const char* op, const at::Tensor& written, const std::string& name) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(written) != at::MemOverlap::Yes, op, ": ", name,
+                    " has elements that share memory (for example a view made by expand()); pass a tensor that owns "
+                    "each element, e.g. ",
+                    name, ".contiguous()");
+}
+
 // Validates one (dst, src) pair. `dst_name`/`src_name` are how the caller spells them
 // ("dst" or "dsts[3]") so that errors point at the offending argument.
 inline void check_accumulate_pair(const char* op, const at::Tensor& dst, const at::Tensor& src,
@@ -58,10 +67,7 @@ inline void check_accumulate_pair(const char* op, const at::Tensor& dst, const a
   if (dst.numel() == 0) {
     return;
   }
-  TORCH_CHECK_VALUE(at::has_internal_overlap(dst) != at::MemOverlap::Yes, op, ": ", dst_name,
-                    " has elements that share memory (for example a view made by expand()); pass a tensor that owns "
-                    "each element, e.g. ",
-                    dst_name, ".contiguous()");
+  check_no_internal_overlap(op, dst, dst_name);
   const bool same_view =
       dst.data_ptr() == src.data_ptr() && dst.strides() == src.strides() && dst.scalar_type() == src.scalar_type();
   TORCH_CHECK_VALUE(same_view || !share_bytes(dst, src), op, ": ", dst_name, " and ", src_name,
