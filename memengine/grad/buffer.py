@@ -12,17 +12,29 @@ overwrites its slice (beta = 0) instead of needing a zeroing pass; later ones ad
 belongs to the buffer, per parameter, and changes only in backward, so a recomputed forward
 does not disturb it. `finish_window()` zeroes the slices of parameters that received nothing.
 
-fp32 parameters: after backward `p.grad` is the main_grad view itself, so any torch.optim
-optimizer works unchanged. bf16/fp16 parameters: `p.grad` stays None; step them through
+fp32 parameters: from their first contribution on, `p.grad` is the main_grad view itself, so any
+torch.optim optimizer works unchanged, and a backward that raises half way (an out-of-memory error
+the training loop catches) leaves .grad as plain PyTorch would: what was accumulated so far, which
+optimizer.zero_grad() clears. bf16/fp16 parameters: `p.grad` stays None; step them through
 memengine.MasterOptimizer, which owns fp32 master weights whose .grad are the views.
+
+Built from a module, the buffer also guards it: sparse embeddings and data-parallel wrappers (DDP,
+FSDP, fully_shard), whose reduction would bypass the buffer, are refused, and check_coverage()
+(run by a forward pre-hook once per window) refuses trainable parameters the buffer does not cover.
 """
 
+import functools
 import weakref
 
 import torch
 
 from memengine import ops
-from memengine.grad.hooks import fold_autograd_gradient, is_view_of_main_grad
+from memengine.grad.hooks import (
+    check_module_forward,
+    fold_autograd_gradient,
+    is_view_of_main_grad,
+    refuse_data_parallel,
+)
 
 ALIGNMENT = 64  # elements: each slice starts on a 256-byte boundary for fp32
 
@@ -31,8 +43,10 @@ class GradBuffer:
     def __init__(self, module_or_params, dtype=torch.float32):
         if dtype != torch.float32:
             raise ValueError(f"GradBuffer: dtype must be torch.float32 (the kernels accumulate into fp32), got {dtype}")
-        if isinstance(module_or_params, torch.nn.Module):
-            candidates = module_or_params.parameters()  # shared (tied) parameters are listed once
+        module = module_or_params if isinstance(module_or_params, torch.nn.Module) else None
+        if module is not None:
+            _refuse_unsupported_modules(module)
+            candidates = module.parameters()  # shared (tied) parameters are listed once
         else:
             candidates = module_or_params
         params, seen = [], set()
@@ -62,13 +76,24 @@ class GradBuffer:
             self.offsets.append(total)
             total += p.numel()
         self.data = torch.zeros(total, dtype=dtype, device=devices.pop())
+        self._module = weakref.ref(module) if module is not None else None
+        self._covered = {id(p) for p in self.params}
+        self._coverage_checked = False  # check_coverage() passed in this window
         self._first = {}  # id(p) -> True while p's next contribution must overwrite
         self._grad_is_view = set()  # ids of fp32 parameters whose .grad we set to the main_grad view
-        self._touched = []  # parameters that received a contribution in the running backward
-        self._callback_queued = False
+        # graph task id -> parameters that received a contribution in that backward. Keyed by task,
+        # not one flag: a backward that raises never runs its end-of-backward callback, and nested
+        # backward passes (reentrant checkpoints) each queue their own.
+        self._touched = {}
         self._ready_hooks = []
         self._hook_handles = []
         self_ref = weakref.ref(self)
+        if module is not None:
+            # A partial over a weak reference (not a bound method): a deep copy of the module carries
+            # the hook along without copying the buffer, and the hook does nothing on the copy.
+            self._hook_handles.append(
+                module.register_forward_pre_hook(functools.partial(check_module_forward, self_ref))
+            )
         for p, offset in zip(self.params, self.offsets, strict=True):
             # A .grad from before the buffer existed is not part of any window. (Autograd also
             # runs post-accumulate hooks for parameters that a fused layer returned no
@@ -79,6 +104,11 @@ class GradBuffer:
             self._first[id(p)] = True
             self._hook_handles.append(p.register_post_accumulate_grad_hook(fold_autograd_gradient))
 
+    @property
+    def module(self):
+        """The module the buffer was built from (None if built from parameters, or if it is gone)."""
+        return self._module() if self._module is not None else None
+
     # -- windows -------------------------------------------------------------------------
     def start_window(self):
         """Opens a new accumulation window without touching memory: each parameter's next
@@ -88,6 +118,9 @@ class GradBuffer:
             if is_view_of_main_grad(p):
                 p.grad = None  # autograd must not add into the stale view
         self._grad_is_view.clear()
+        self._coverage_checked = False
+        if torch._C._current_graph_task_id() == -1:
+            self._touched.clear()  # left by backward passes that raised before their end-of-backward callback
 
     def zero_(self):
         """Zeroes the buffer and opens a new window."""
@@ -114,11 +147,51 @@ class GradBuffer:
     def clip_(self, stats, max_norm):
         ops.clip_(self.data, stats, max_norm)
 
+    # -- coverage ---------------------------------------------------------------------------
+    def check_coverage(self):
+        """Raises RuntimeError naming the parameter if the module the buffer was built from has a
+        trainable parameter the buffer does not cover (unfrozen, added or replaced after the buffer
+        was built, e.g. by FSDP or fully_shard), whose gradient would never reach main_grad, or if a
+        covered parameter is no longer part of the module. Nothing to check for a buffer built from
+        a list of parameters. Costs one walk over the module's parameters."""
+        module = self.module
+        if module is None:
+            return
+        present = set()
+        for name, p in module.named_parameters():
+            present.add(id(p))
+            if p.requires_grad and id(p) not in self._covered:
+                replaced_by = type(p).__name__ if type(p).__name__ in ("DTensor", "FlatParameter") else None
+                cause = (
+                    f"replaced by a {replaced_by} (FSDP / fully_shard)" if replaced_by else "frozen, added or replaced"
+                )
+                raise RuntimeError(
+                    f"memengine GradBuffer: parameter '{name}' requires grad but is not in the GradBuffer (it was "
+                    f"{cause} after memengine.patch / GradBuffer ran), so its gradient would never reach main_grad "
+                    "and it would not be trained. Set requires_grad and build the model completely before "
+                    "memengine.patch(model) / memengine.Engine(model), or call memengine.unpatch(model) and patch "
+                    "again (then rebuild the Engine or optimizer)"
+                )
+        for p in self.params:
+            if id(p) not in present:
+                raise RuntimeError(
+                    f"memengine GradBuffer: a parameter of shape {tuple(p.shape)} in the GradBuffer is no longer "
+                    "part of the model (a module was replaced, or a wrapper such as FSDP / fully_shard replaced its "
+                    "parameters), so the buffer is stale. Call memengine.unpatch(model) and patch again after "
+                    "changing the model"
+                )
+
+    def check_coverage_once_per_window(self):
+        """check_coverage() at most once per accumulation window (the forward pre-hook calls this)."""
+        if not self._coverage_checked:
+            self.check_coverage()
+            self._coverage_checked = True
+
     # -- hooks -----------------------------------------------------------------------------
     def register_ready_hook(self, fn):
         """fn(param) runs once per parameter per backward that gave it a gradient, after that
-        gradient is complete in main_grad (at the end of the backward pass). Returns a handle
-        with .remove()."""
+        gradient is complete in main_grad (at the end of the backward pass; a backward that
+        raises fires none). Returns a handle with .remove()."""
         self._ready_hooks.append(fn)
         return _HookHandle(self._ready_hooks, fn)
 
@@ -140,23 +213,30 @@ class GradBuffer:
             # The user cleared .grad (optimizer.zero_grad()): that opens a new window for p.
             first = True
             self._grad_is_view.discard(id(p))
+            self._coverage_checked = False  # and a new optimizer step: check coverage again
         self._first[id(p)] = False
-        self._touched.append(p)
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if p.dtype == torch.float32:
+            # Now, not at the end of backward: any torch.optim optimizer reads it there, and zero_grad()
+            # must be able to clear what a backward that raises half way has accumulated.
+            p.grad = p.main_grad
+            self._grad_is_view.add(id(p))
+        else:
+            p.grad = None  # no low-precision gradient survives; MasterOptimizer reads main_grad
+        task = torch._C._current_graph_task_id()
+        touched = self._touched.get(task)
+        if touched is None:
+            touched = self._touched[task] = []
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._end_of_backward, task))
+        touched.append(p)
         return first
 
-    def _end_of_backward(self):
-        touched, self._touched, self._callback_queued = self._touched, [], False
+    def _end_of_backward(self, task):
+        """Fires the ready hooks of a backward pass that completed (one that raised never gets here)."""
         done = set()
-        for p in touched:
+        for p in self._touched.pop(task, []):
             if id(p) in done:
                 continue
             done.add(id(p))
-            if p.dtype == torch.float32:
-                p.grad = p.main_grad  # any torch.optim optimizer reads it there
-                self._grad_is_view.add(id(p))
             for fn in list(self._ready_hooks):
                 fn(p)
 
@@ -166,6 +246,18 @@ class GradBuffer:
 
     def add_bias_gradient(self, bias, grad_output):
         ops.bias_grad_accumulate_(bias.main_grad, grad_output, overwrite=self.claim(bias))
+
+
+def _refuse_unsupported_modules(module):
+    """Sparse embeddings and data-parallel wrappers: a GradBuffer cannot serve them (see the module docstring)."""
+    for name, submodule in module.named_modules():
+        refuse_data_parallel(submodule, "is or contains")
+        weight = getattr(submodule, "weight", None)
+        if getattr(submodule, "sparse", False) is True and isinstance(weight, torch.Tensor) and weight.requires_grad:
+            raise ValueError(
+                f"GradBuffer: {name or 'the model'} is {type(submodule).__name__}(sparse=True), whose sparse weight "
+                "gradients the fp32 buffer cannot hold; construct it with sparse=False"
+            )
 
 
 class _HookHandle:

@@ -4,6 +4,10 @@ Modules are converted by changing their class (memengine.nn.Linear is a subclass
 torch.nn.Linear; Hugging Face's Conv1D gets a subclass with Conv1DFusedMixin), so the very same
 Parameter objects stay in place: nothing is copied, state_dict keys and optimizer references
 are unchanged. unpatch(model) restores the original classes and releases the buffer.
+
+copy.deepcopy(patched model) gives an unpatched copy: its parameters are new tensors without
+main_grad, its fused layers run as plain torch layers, and memengine.patch(copy) (or
+memengine.Engine(copy)) builds its own GradBuffer.
 """
 
 import torch
@@ -32,20 +36,31 @@ def _fused_class(module):
     return None
 
 
+class _PatchRecord:
+    """What patch() leaves on the model: its GradBuffer. A deep copy of the model gets an empty
+    record (sharing or copying the buffer would leave the copy's parameters uncovered)."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+
+    def __deepcopy__(self, memo):
+        return _PatchRecord(None)
+
+
 def patch(model):
     """Swaps nn.Linear and Hugging Face Conv1D modules of `model` for fused versions in place and
     attaches one GradBuffer covering every trainable parameter; returns it. Idempotent: a second
     call returns the same buffer."""
-    existing = getattr(model, "_memengine_grad_buffer", None)
-    if existing is not None:
-        return existing
+    record = getattr(model, "_memengine_grad_buffer", None)
+    if record is not None and record.buffer is not None:
+        return record.buffer
+    buffer = GradBuffer(model)  # first: it refuses what it cannot serve before anything is changed
     for module in model.modules():
         fused = _fused_class(module)
         if fused is not None:
             module._memengine_original_class = type(module)
             module.__class__ = fused
-    buffer = GradBuffer(model)
-    model._memengine_grad_buffer = buffer
+    model._memengine_grad_buffer = _PatchRecord(buffer)
     return buffer
 
 
@@ -55,6 +70,6 @@ def unpatch(model):
         original = module.__dict__.pop("_memengine_original_class", None)
         if original is not None:
             module.__class__ = original
-    buffer = model.__dict__.pop("_memengine_grad_buffer", None)
-    if buffer is not None:
-        buffer.release()
+    record = model.__dict__.pop("_memengine_grad_buffer", None)
+    if record is not None and record.buffer is not None:
+        record.buffer.release()

@@ -109,11 +109,17 @@ def test_bf16_parameters_keep_no_low_precision_gradient():
         assert all(p.grad is None for p in model.parameters())
     assert not live_bf16_grads
     buffer.finish_window()
-    # Against fp32 math on the same (bf16-valued) weights: only the bf16 forward differs.
+    # Against fp32 math on the same (bf16-valued) weights, and relative to what plain PyTorch gets
+    # with the same bf16 model (autograd accumulating bf16 .grad): at most twice its error (DESIGN.md
+    # conventions; both are dominated by the bf16 forward here, which the two share).
     expected = reference_gradients(reference_bf16_weights, micro_batches)
+    plain_bf16 = TiedModel().to(torch.bfloat16)
+    plain_bf16.load_state_dict(reference.state_dict())
+    plain = reference_gradients(plain_bf16, micro_batches)
     for name, p in model.named_parameters():
-        error = (p.main_grad - expected[name]).norm() / expected[name].norm()
-        assert error < 0.05, f"{name}: relative error {error:.3g}"
+        error = ((p.main_grad - expected[name]).norm() / expected[name].norm()).item()
+        torch_error = ((plain[name].float() - expected[name]).norm() / expected[name].norm()).item()
+        assert error <= 2 * torch_error, f"{name}: relative error {error:.3g}, plain PyTorch bf16 {torch_error:.3g}"
 
 
 def test_windows_hooks_and_parameters_without_gradient():
