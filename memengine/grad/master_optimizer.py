@@ -5,17 +5,30 @@ GradBuffer, so each master's .grad is simply its main_grad view: the wrapped opt
 fp32 values with fp32 gradients, then the model parameters are refreshed from the masters in
 one multi-tensor copy (torch._foreach_copy_, which casts). fp32 parameters are stepped in place
 (they are their own masters).
+
+MasterOptimizer is a torch.optim.Optimizer whose `param_groups`, `state` and `defaults` are the
+wrapped optimizer's own objects (one copy, never two): learning-rate schedulers, per-group
+options, step hooks and state_dict work as with the wrapped optimizer. Groups and state refer to
+the masters (for fp32 parameters, the parameters themselves).
 """
 
 import torch
 
+MASTER_WEIGHTS_KEY = "master_weights"
 
-class MasterOptimizer:
-    def __init__(self, optimizer_cls, buffer, **kwargs):
+
+class MasterOptimizer(torch.optim.Optimizer):
+    def __init__(self, optimizer_cls, buffer, *, param_groups=None, **kwargs):
+        """optimizer_cls: a torch.optim.Optimizer class or a factory taking what such a class takes
+        (e.g. functools.partial(torch.optim.AdamW, lr=...)); it is called with the masters and
+        **kwargs. param_groups: optional list of dicts as torch.optim takes them, holding the model's
+        parameters (or (name, parameter) pairs) with per-group options; together they must cover
+        every parameter of `buffer` exactly once."""
         self.buffer = buffer
         self.master_data = None  # allocated only when some parameter is not fp32
         if any(p.dtype != torch.float32 for p in buffer.params):
-            self.master_data = torch.empty(buffer.data.numel(), dtype=torch.float32, device=buffer.data.device)
+            # zeros, not empty: the slots of fp32 parameters are never used but are saved by state_dict
+            self.master_data = torch.zeros(buffer.data.numel(), dtype=torch.float32, device=buffer.data.device)
         self.masters = []  # (model parameter, master parameter) in buffer order
         for p, offset in zip(buffer.params, buffer.offsets, strict=True):
             if p.dtype == torch.float32:
@@ -26,11 +39,79 @@ class MasterOptimizer:
                 master = torch.nn.Parameter(view)  # shares master_data's storage
             self.masters.append((p, master))
         self._low_precision = [(p, m) for p, m in self.masters if p.dtype != torch.float32]
-        self.optimizer = optimizer_cls([m for _, m in self.masters], **kwargs)
+        if param_groups is None:
+            # The model's registration order (the buffer's is reversed), as torch.optim.X(model.parameters())
+            # has it: state dicts index parameters by position, and LBFGS's flat dot products sum in it.
+            params = [m for _, m in reversed(self.masters)]
+        else:
+            params = self._master_groups(param_groups)
+        self.optimizer = optimizer_cls(params, **kwargs)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"MasterOptimizer: optimizer_cls must build a torch.optim.Optimizer, got {type(self.optimizer)}; "
+                "pass an optimizer class or a functools.partial of one"
+            )
+        # Not Optimizer.__init__: it would build a second set of groups from `params`. __setstate__ is
+        # torch's own way to set an optimizer up around existing groups and state (unpickling): it
+        # creates the hook registries and wraps step() so that step hooks fire.
+        self.__setstate__(
+            {
+                "defaults": self.optimizer.defaults,
+                "state": self.optimizer.state,
+                "param_groups": self.optimizer.param_groups,
+            }
+        )
+        self._warned_capturable_if_run_uncaptured = True  # as Optimizer.__init__ leaves it
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+    def _master_groups(self, param_groups):
+        """The user's groups of model parameters, with each parameter replaced by its master."""
+        master_of = {id(p): m for p, m in self.masters}
+        grouped = set()
+        groups = []
+        for group in param_groups:
+            params = group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            masters = []
+            for entry in params:
+                name, p = entry if isinstance(entry, tuple) else (None, entry)
+                if id(p) not in master_of:
+                    raise ValueError(
+                        "MasterOptimizer: a parameter in param_groups is not covered by the GradBuffer "
+                        f"(shape {tuple(p.shape)}); build the buffer over it or leave it out"
+                    )
+                if id(p) in grouped:
+                    raise ValueError(
+                        f"MasterOptimizer: a parameter (shape {tuple(p.shape)}) is in more than one param group"
+                    )
+                grouped.add(id(p))
+                masters.append(master_of[id(p)] if name is None else (name, master_of[id(p)]))
+            groups.append({**group, "params": masters})
+        missing = [tuple(p.shape) for p, _ in self.masters if id(p) not in grouped]
+        if missing:
+            raise ValueError(
+                f"MasterOptimizer: {len(missing)} parameter(s) of the GradBuffer are not in any param group "
+                f"(shapes {missing[:4]}); every trainable parameter gets a gradient and must be stepped"
+            )
+        return groups
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Optimizer.load_state_dict ends by handing new groups and state to __setstate__: give them to
+        # the wrapped optimizer too (through its own __setstate__, which fills in its per-class
+        # defaults), so that both keep sharing one copy.
+        self.optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
+
+    def __getstate__(self):
+        raise TypeError(
+            "MasterOptimizer cannot be pickled or deep-copied: it shares storage with the model and its "
+            "GradBuffer; save and load state_dict() instead"
+        )
+
+    def add_param_group(self, param_group):
+        raise RuntimeError(
+            "MasterOptimizer.add_param_group is not supported: the parameters are fixed by the GradBuffer "
+            "when the optimizer is built; pass per-group options as MasterOptimizer(..., param_groups=[...])"
+        )
 
     def zero_grad(self, set_to_none=True):
         """Opens a new accumulation window in the GradBuffer (no memory is touched)."""
@@ -38,13 +119,38 @@ class MasterOptimizer:
 
     def step(self, closure=None):
         """Steps the masters with the gradients in the buffer (parameters that received none in
-        this window are skipped, as torch.optim skips .grad None), then refreshes the model."""
-        if closure is not None:
-            raise ValueError("MasterOptimizer.step: closures are not supported; compute the loss before step()")
+        this window are skipped, as torch.optim skips .grad None), then refreshes the model.
+        closure: as in torch.optim, re-evaluates the model (zero_grad, forward, backward) and
+        returns the loss, which step returns; the model is refreshed from the masters before each
+        evaluation, so optimizers that evaluate it several times (LBFGS) see their updates."""
+        if closure is None:
+            self._attach_gradients()
+            loss = self._step_wrapped_optimizer()
+        else:
+
+            def closure_with_gradients():
+                self.refresh_model()
+                with torch.enable_grad():
+                    loss = closure()
+                self._attach_gradients()
+                return loss
+
+            loss = self._step_wrapped_optimizer(closure_with_gradients)
+        self.refresh_model()
+        return loss
+
+    def _attach_gradients(self):
         for p, master in self.masters:
             master.grad = p.main_grad if self.buffer.received_gradient(p) else None
-        self.optimizer.step()
-        self.refresh_model()
+
+    def _step_wrapped_optimizer(self, *closure):
+        # Our step() already ran the step hooks (global ones included) around this call; the wrapped
+        # optimizer's class step is wrapped by torch the same way, and going through that wrapper
+        # would run the global hooks a second time, with the private optimizer as their argument.
+        step = type(self.optimizer).step
+        if getattr(step, "hooked", False):
+            step = step.__wrapped__
+        return step(self.optimizer, *closure)
 
     @torch.no_grad()
     def refresh_model(self):
@@ -53,13 +159,30 @@ class MasterOptimizer:
             torch._foreach_copy_([p for p, _ in self._low_precision], [m for _, m in self._low_precision])
 
     def state_dict(self):
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "masters": None if self.master_data is None else self.master_data.clone(),
-        }
+        """torch's optimizer state dict of the wrapped optimizer ("state", "param_groups"; state
+        dict hooks registered here run), plus "master_weights": a copy of the fp32 masters when the
+        model has low-precision parameters (None otherwise)."""
+        state = super().state_dict()
+        state[MASTER_WEIGHTS_KEY] = None if self.master_data is None else self.master_data.clone()
+        return state
 
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["masters"] is not None:
-            self.master_data.copy_(state["masters"])
+    def load_state_dict(self, state_dict):
+        """Loads a state_dict() (optimizer state, options, masters) and refreshes the model from the
+        masters."""
+        masters = state_dict.get(MASTER_WEIGHTS_KEY)
+        if (masters is None) != (self.master_data is None):
+            needs = "needs" if self.master_data is not None else "has no low-precision parameters and takes no"
+            raise ValueError(
+                f"MasterOptimizer.load_state_dict: this model {needs} master weights, but the state dict "
+                f"{'has none' if masters is None else 'holds some'}; load a state dict saved from a model "
+                "with the same parameter dtypes"
+            )
+        if masters is not None and masters.shape != self.master_data.shape:
+            raise ValueError(
+                f"MasterOptimizer.load_state_dict: master weights of {masters.numel()} elements do not fit "
+                f"this buffer's {self.master_data.numel()}; the state dict is from a different model"
+            )
+        super().load_state_dict(state_dict)
+        if masters is not None:
+            self.master_data.copy_(masters)
             self.refresh_model()

@@ -2,10 +2,12 @@
 loss scaling, and master weights."""
 
 import functools
+import io
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import memengine as me
 
@@ -159,3 +161,127 @@ def test_activation_budget_plans_the_blocks_and_changes_no_result():
     assert engines[0].segment_handle is None
     with pytest.raises(ValueError, match="no list of repeated blocks found in TinyLM"):
         me.Engine(TinyLM(), sgd, micro_batch_size=2, budget=1 << 20).step(make_batch(), summed_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_engine_state_dict_resumes_bit_identically_in_a_fresh_engine(dtype):
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-2)
+    torch.manual_seed(0)
+    model = TinyLM().to(dtype)
+    engine = me.Engine(model, adamw, micro_batch_size=4, max_norm=1.0, growth_interval=2)
+    for seed in range(3):
+        engine.step(make_batch(seed=seed), summed_loss)
+    file = io.BytesIO()
+    torch.save(engine.state_dict(), file)
+    file.seek(0)
+    torch.manual_seed(1)
+    resumed = me.Engine(TinyLM().to(dtype), adamw, micro_batch_size=4, max_norm=1.0, growth_interval=2)
+    resumed.load_state_dict(torch.load(file))
+    assert resumed.loss_scale == engine.loss_scale
+    for seed in range(3, 6):
+        stats = engine.step(make_batch(seed=seed), summed_loss)
+        resumed_stats = resumed.step(make_batch(seed=seed), summed_loss)
+        assert torch.equal(stats["loss"], resumed_stats["loss"]) and stats["loss_scale"] == resumed_stats["loss_scale"]
+    for (name, p), q in zip(engine.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    for (_, master), (_, resumed_master) in zip(engine.optimizer.masters, resumed.optimizer.masters, strict=True):
+        assert torch.equal(master, resumed_master)
+
+
+def test_lr_scheduler_over_the_engine_optimizer_reaches_the_step():
+    # The same learning rates set by hand on a twin engine must give the same parameters.
+    sgd = functools.partial(torch.optim.SGD, lr=0.5)
+    torch.manual_seed(0)
+    scheduled, by_hand = TinyLM(), TinyLM()
+    by_hand.load_state_dict(scheduled.state_dict())
+    engine, twin = me.Engine(scheduled, sgd, micro_batch_size=3), me.Engine(by_hand, sgd, micro_batch_size=3)
+    scheduler = torch.optim.lr_scheduler.StepLR(engine.optimizer, step_size=1, gamma=0.1)
+    for seed in range(3):
+        twin.optimizer.param_groups[0]["lr"] = 0.5 * 0.1**seed
+        engine.step(make_batch(seed=seed), summed_loss)
+        twin.step(make_batch(seed=seed), summed_loss)
+        scheduler.step()
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    for a, b in zip(scheduled.parameters(), by_hand.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class TensorsFromPythonNumbers(TorchDispatchMode):
+    """Counts tensors made from Python data (torch.tensor / torch.as_tensor of a number): on a GPU
+    each is a blocking host-to-device copy."""
+
+    FROM_HOST_DATA = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.FROM_HOST_DATA or func in (torch.ops.aten.scalar_tensor.default,)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("python_count", [True, False], ids=["python-count", "tensor-count"])
+def test_token_counts_make_no_tensor_from_a_python_number_per_micro_batch(python_count):
+    def loss_fn(model, batch):
+        loss, tokens = summed_loss(model, batch)
+        return loss, int(tokens) if python_count else tokens
+
+    batch = make_batch()
+    counts, results = [], []
+    for micro_batch_size in (6, 1):  # one and six micro-batches
+        torch.manual_seed(0)
+        engine = me.Engine(TinyLM(), functools.partial(torch.optim.SGD, lr=0.1), micro_batch_size=micro_batch_size)
+        with TensorsFromPythonNumbers() as mode:
+            stats = engine.step(batch, loss_fn)
+        counts.append(mode.count)
+        results.append(stats)
+    assert counts[1] == counts[0] == 0, counts
+    for stats in results:
+        assert stats["tokens"].dtype == torch.float64 and int(stats["tokens"]) == int((batch["labels"] != -100).sum())
+
+
+def test_token_counts_of_mixed_kinds_sum_exactly():
+    batch = make_batch()
+    kinds = iter([5, torch.tensor(3), 2.0, torch.tensor(7, dtype=torch.int32), 1, 4])
+
+    def loss_fn(model, micro_batch):
+        loss, _ = summed_loss(model, micro_batch)
+        return loss, next(kinds)
+
+    engine = me.Engine(TinyLM(), functools.partial(torch.optim.SGD, lr=0.1), micro_batch_size=1)
+    stats = engine.step(batch, loss_fn)
+    assert stats["tokens"].dtype == torch.float64 and stats["tokens"].item() == 22.0
+    with pytest.raises(TypeError, match="num_tokens"):
+        engine.step(batch, lambda model, micro_batch: (summed_loss(model, micro_batch)[0], "7"))
+
+
+class HugeGradient(torch.nn.Module):
+    """loss = sum(weight) * 3e37: every gradient element is 3e37 (finite), their L2 norm over 1024
+    elements is about 9.6e38, beyond float32's largest value (3.4e38)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1024))
+
+    def forward(self, batch):
+        return self.weight.sum() * 3e37
+
+
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+def test_a_step_whose_gradient_norm_overflows_float32_is_skipped(max_norm):
+    model = HugeGradient()
+    engine = me.Engine(model, functools.partial(torch.optim.SGD, lr=1e-40), micro_batch_size=1, max_norm=max_norm)
+    stats = engine.step(torch.zeros(1, 1), lambda model, batch: (model(batch), 1))
+    assert torch.isfinite(model.weight.main_grad).all()  # each gradient element is finite
+    assert stats["skipped"]  # a clipped-to-zero or unclipped step would be silently wrong
+    assert torch.equal(model.weight, torch.zeros(1024))
+
+
+def test_engine_over_a_model_patched_before_a_parameter_was_unfrozen_is_refused():
+    model = TinyLM()
+    model.mix.requires_grad_(False)
+    me.patch(model)
+    model.mix.requires_grad_(True)  # its gradient would never reach the buffer the Engine steps from
+    with pytest.raises(RuntimeError, match="'mix.weight' requires grad but is not in the GradBuffer"):
+        me.Engine(model, functools.partial(torch.optim.SGD, lr=0.1), micro_batch_size=2)
