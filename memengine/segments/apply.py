@@ -1,11 +1,13 @@
 """me.segment: applies a recompute plan in place to an nn.Sequential or to an nn.ModuleList whose
 blocks the model calls in a loop (the Hugging Face decoder pattern).
 
-Modules are not wrapped or moved (state_dict keys and parameters stay as they are): the first
-block of each recomputed or selective segment gets an instance-level forward that runs the
-whole segment (each block with the hidden state of the previous one and the call's other
-arguments) under checkpointing, and the segment's other blocks get a forward that hands that
-result on. "recompute" segments use me.checkpoint; in "selective" segments each block runs under
+Modules are not wrapped or moved (state_dict keys and parameters stay as they are): each block
+of a recomputed or selective segment gets an instance-level forward, and the model calls every
+block as usual (its own arguments, its forward pre-hooks). In a "recompute" segment the first
+block's call opens a checkpoint.CheckpointFrame that the following blocks join, each recorded
+with its arguments and chained to the previous block's output hidden state, so that only the
+segment's input is kept and backward replays the calls in order (a hidden state changed between
+two blocks of a segment is refused at forward time); in "selective" segments each block runs under
 torch's selective activation checkpointing on its own, keeping its input and the outputs of
 matmul-like ops and recomputing the rest right before its own backward (as plan's memory model
 assumes). handle.remove() restores the original forwards.
@@ -13,24 +15,16 @@ assumes). handle.remove() restores the original forwards.
 
 import contextlib
 import warnings
+import weakref
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from memengine.segments.checkpoint import checkpoint
+from memengine.segments.checkpoint import CheckpointFrame
 from memengine.segments.model import check_plan
-from memengine.segments.profile import SELECTIVE_KEPT_OPS, hidden_state, profile
+from memengine.segments.profile import SELECTIVE_KEPT_OPS, cuda_devices, hidden_state, profile, without_caches
 from memengine.segments.solve import solve
 from memengine.segments.state_protection import NoStateUpdates
-
-
-def _run_blocks(blocks, hidden, args, kwargs):
-    """Runs blocks one after the other; each gets the previous hidden state plus args/kwargs."""
-    output = None
-    for block in blocks:
-        output = block._memengine_original_forward(hidden, *args, **kwargs)
-        hidden = hidden_state(output)
-    return output
 
 
 def _keep_matmul_outputs(ctx, op, *args, **kwargs):
@@ -66,7 +60,7 @@ class SegmentHandle:
 
     def remove(self):
         for block in self.blocks:
-            for name in ("forward", "_memengine_original_forward", "_memengine_segment_output"):
+            for name in ("forward", "_memengine_original_forward"):
                 block.__dict__.pop(name, None)
 
 
@@ -80,49 +74,80 @@ def _install(blocks, plan):
         if segment.policy == "keep":
             continue
         if segment.policy == "recompute":
-            _install_checkpoint(blocks[segment.start : segment.end], checkpoint)
+            _install_checkpoint(blocks[segment.start : segment.end], CheckpointFrame, first_index=segment.start)
         else:  # each block recomputes its own non-kept part right before its backward
             for block in blocks[segment.start : segment.end]:
                 _install_checkpoint([block], _selective_checkpoint)
 
 
-# Key/value-cache arguments of Hugging Face decoder layers, and their "off" values.
-_CACHE_ARGUMENTS = {"use_cache": False, "past_key_value": None, "past_key_values": None, "layer_past": None}
-
-
-def _without_caches(kwargs):
+def _without_caches(args, kwargs):
     """A recomputed block must not write a key/value cache: its recomputation would write it a
     second time and read its own entries back. As Hugging Face does under gradient checkpointing,
-    caching is switched off for the segment (with a warning); training does not use the cache."""
-    on = [name for name, off in _CACHE_ARGUMENTS.items() if kwargs.get(name, off) is not off]  # singletons
-    if not on:
-        return kwargs
-    warnings.warn(
-        f"me.segment: {', '.join(on)} switched off for recomputed blocks: caching is incompatible with "
-        "recomputation (pass use_cache=False when training)",
-        stacklevel=2,
-    )
-    return {**kwargs, **{name: _CACHE_ARGUMENTS[name] for name in on}}
+    caching is switched off for the segment (with a warning); training does not use the cache.
+    Caches are found by argument name and by type, keyword or positional (profile.without_caches)."""
+    args, kwargs, switched = without_caches(args, kwargs)
+    if switched:
+        warnings.warn(
+            f"me.segment: {', '.join(switched)} switched off for recomputed blocks: caching is incompatible with "
+            "recomputation (pass use_cache=False when training)",
+            stacklevel=2,
+        )
+    return args, kwargs
 
 
-def _install_checkpoint(members, runner):
-    """The first member's forward runs all members under `runner`; the others hand its result on."""
-    head, rest = members[0], members[1:]
+def _install_checkpoint(members, runner, first_index=0):
+    """Gives each member a forward that the model calls as usual, with its own arguments (after
+    its forward pre-hooks). runner=CheckpointFrame (a recomputed segment): the first member's call
+    opens a frame and each following member joins it as a chained call, so that only the
+    segment's input is kept and backward replays the calls in order; otherwise each member runs
+    alone under `runner` (selective checkpointing). Without grad, members run plainly."""
+    if runner is not CheckpointFrame:
+        for block in members:
 
-    def run_segment(hidden, *args, **kwargs):
-        if torch.is_grad_enabled():
-            kwargs = _without_caches(kwargs)
-        output = runner(_run_blocks, members, hidden, args, kwargs)
-        for block in rest:
-            block._memengine_segment_output = output
+            def run_alone(*args, _block=block, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _block._memengine_original_forward(*args, **kwargs)
+                args, kwargs = _without_caches(args, kwargs)
+                return runner(_block._memengine_original_forward, *args, **kwargs)
+
+            block.forward = run_alone
+        return
+
+    # The segment's forward in progress, by weak reference (an early exit or an exception between
+    # two members must not keep anything alive): the frame, the member that may join it next and
+    # the hidden state that member must receive.
+    progress = {"frame": lambda: None, "next": None, "hidden": lambda: None}
+
+    def run_segment(*args, _position, **kwargs):
+        block = members[_position]
+        if not torch.is_grad_enabled():
+            return block._memengine_original_forward(*args, **kwargs)
+        args, kwargs = _without_caches(args, kwargs)
+        frame, chain = progress["frame"](), None
+        if _position == 0 or frame is None or progress["next"] != _position:
+            frame = CheckpointFrame()  # the segment's first block (or one called out of order: on its own)
+        elif not args or args[0] is not progress["hidden"]():
+            progress["frame"] = lambda: None
+            index = first_index + _position
+            raise RuntimeError(
+                f"me.segment: block {index} was not called with block {index - 1}'s output hidden state: it "
+                "was changed between the two blocks (by the model or a forward pre-hook), which the "
+                f"recomputation of their segment cannot replay. Put blocks {index - 1} and {index} in separate "
+                "segments, or make the change inside a block"
+            )
+        else:
+            chain = hidden_state  # recomputed from the previous block's recomputed output, not kept
+        progress["frame"] = lambda: None  # an exception inside the call leaves no frame to join
+        output = frame.call(block._memengine_original_forward, args, kwargs, chain=chain)
+        hidden = hidden_state(output)
+        if _position + 1 < len(members) and isinstance(hidden, torch.Tensor):
+            progress.update(frame=weakref.ref(frame), next=_position + 1, hidden=weakref.ref(hidden))
         return output
 
-    head.forward = run_segment
-    for block in rest:
+    for position, block in enumerate(members):
 
-        def hand_on(*args, _block=block, **kwargs):
-            # The segment's first block already ran this one: return what the segment produced.
-            return _block.__dict__.pop("_memengine_segment_output")
+        def hand_on(*args, _position=position, **kwargs):
+            return run_segment(*args, _position=_position, **kwargs)
 
         block.forward = hand_on
 
@@ -147,6 +172,10 @@ def segment(blocks, plan=None, budget=None, sample=None):
 
 
 def profile_sample(blocks, sample):
+    """The chain of `blocks` profiled with `sample` (see segment()). The sample forward leaves
+    no trace: its in-place writes to existing tensors (every module's BatchNorm statistics, not
+    only the blocks') go to copies, and the global random number generators (CPU, and the
+    blocks' CUDA devices) are restored after it, as profile() restores them after profiling."""
     if not callable(sample):
         return profile(blocks, *(sample if isinstance(sample, tuple) else (sample,)))
     calls = []
@@ -154,8 +183,10 @@ def profile_sample(blocks, sample):
         block.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
         for block in blocks
     ]
+    tensors = [t for block in blocks for t in [*block.parameters(), *block.buffers()]]
+    devices = [device.index for device in cuda_devices(tensors)]
     try:
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=devices, device_type="cuda"), torch.no_grad(), NoStateUpdates():
             sample()
     finally:
         for hook in hooks:
