@@ -1,0 +1,125 @@
+"""Mutation check: the test suite must fail when any of these bugs is introduced.
+
+Each mutation edits one line of a copy of the memengine package (the compiled extension is
+copied along), then runs the named tests against that copy; a mutation the tests do not catch is
+reported as SURVIVED and the script exits non-zero. The working tree is never modified.
+
+    python tests/mutation_check.py            # all mutations
+    python tests/mutation_check.py -k loss    # those whose name contains "loss"
+
+Not part of the pytest run (it starts a pytest per mutation); run it after changing the code
+the mutations touch.
+"""
+
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# name: (file in memengine/, text to replace (must occur exactly once), replacement, tests to run)
+MUTATIONS = {
+    "unscale forgets the loss scale": (
+        "engine/engine.py",
+        "scale = (1.0 / (tokens_total * self.loss_scale)).to(torch.float32)",
+        "scale = (1.0 / tokens_total).to(torch.float32)",
+        ["tests/engine"],
+    ),
+    "dynamic loss scale never grows": (
+        "engine/engine.py",
+        "self.loss_scale *= 2",
+        "self.loss_scale *= 1",
+        ["tests/engine"],
+    ),
+    "Engine.step skips finish_window": (
+        "engine/engine.py",
+        "self.buffer.finish_window()",
+        "pass",
+        ["tests/engine", "tests/differential"],
+    ),
+    "MasterOptimizer steps parameters that got no gradient": (
+        "grad/master_optimizer.py",
+        "master.grad = p.main_grad if self.buffer.received_gradient(p) else None",
+        "master.grad = p.main_grad",
+        ["tests/engine", "tests/grad"],
+    ),
+    "the fold hook's view branch does not claim": (
+        "grad/hooks.py",
+        "        buffer.claim(p)\n        return",
+        "        return",
+        ["tests/grad", "tests/differential"],
+    ),
+    "no autocast replay in me.checkpoint": (
+        "segments/checkpoint.py",
+        "stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))",
+        "pass",
+        ["tests/segments/test_checkpoint.py", "tests/segments/test_checkpoint_torch_behaviours.py"],
+    ),
+    "the replayed RNG leaks to the caller": (
+        "segments/checkpoint.py",
+        "stack.enter_context(torch.random.fork_rng(devices=cuda_devices))",
+        "pass",
+        ["tests/segments/test_checkpoint.py", "tests/segments/test_checkpoint_torch_behaviours.py"],
+    ),
+    "a memory-model term dropped (backward temporaries)": (
+        "segments/model.py",
+        "backward = saved[i] + out[i] + backward_extra[i]",
+        "backward = saved[i] + out[i]",
+        ["tests/segments/test_plan.py", "tests/segments/test_plan_prediction.py"],
+    ),
+}
+
+
+def run(name, mutation, python):
+    relative, old, new, tests = mutation
+    with tempfile.TemporaryDirectory(prefix="memengine-mutant-") as directory:
+        package = pathlib.Path(directory) / "memengine"
+        shutil.copytree(ROOT / "memengine", package, ignore=shutil.ignore_patterns("__pycache__"))
+        target = package / relative
+        text = target.read_text()
+        if text.count(old) != 1:
+            return f"NOT APPLIED ({old!r} occurs {text.count(old)} times in memengine/{relative})"
+        target.write_text(text.replace(old, new))
+        environment = dict(os.environ, PYTHONPATH=directory + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        check = subprocess.run(
+            [python, "-P", "-c", "import memengine; print(memengine.__file__)"],
+            capture_output=True,
+            text=True,
+            env=environment,
+            cwd=ROOT,
+        )
+        if not check.stdout.startswith(directory):
+            return f"NOT APPLIED (the mutant did not import: {check.stdout.strip()} {check.stderr.strip()[-300:]})"
+        # -P: no current directory at the front of sys.path, so the mutant (on PYTHONPATH) is imported
+        # rather than the working tree's memengine.
+        result = subprocess.run(
+            [python, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+            capture_output=True,
+            text=True,
+            env=environment,
+            cwd=ROOT,
+        )
+        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
+        return ("caught" if result.returncode != 0 else "SURVIVED") + f" ({summary})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="run the mutations whose name contains this text")
+    args = parser.parse_args()
+    outcomes = {}
+    for name, mutation in MUTATIONS.items():
+        if args.k in name:
+            outcomes[name] = run(name, mutation, sys.executable)
+            print(f"{name}: {outcomes[name]}", flush=True)
+    survived = [name for name, outcome in outcomes.items() if not outcome.startswith("caught")]
+    print(f"\n{len(outcomes) - len(survived)} of {len(outcomes)} mutations caught")
+    raise SystemExit(1 if survived else 0)
+
+
+if __name__ == "__main__":
+    main()
