@@ -61,7 +61,7 @@ MUTATIONS = {
     ),
     "the replayed RNG leaks to the caller": (
         "segments/checkpoint.py",
-        "stack.enter_context(torch.random.fork_rng(devices=cuda_devices))",
+        "stack.enter_context(torch.random.fork_rng(devices=devices))",
         "pass",
         ["tests/segments/test_checkpoint.py", "tests/segments/test_checkpoint_torch_behaviours.py"],
     ),

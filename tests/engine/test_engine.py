@@ -285,3 +285,68 @@ def test_engine_over_a_model_patched_before_a_parameter_was_unfrozen_is_refused(
     model.mix.requires_grad_(True)  # its gradient would never reach the buffer the Engine steps from
     with pytest.raises(RuntimeError, match="'mix.weight' requires grad but is not in the GradBuffer"):
         me.Engine(model, functools.partial(torch.optim.SGD, lr=0.1), micro_batch_size=2)
+
+
+class BranchyLM(TinyLM):
+    """TinyLM with a branch that only some steps use (its parameters get no gradient in the others)."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = torch.nn.Linear(16, 16)
+        self.use_branch = True
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        if self.use_branch:
+            h = h + self.branch(h)
+        return self.head(self.norm(h + torch.tanh(self.mix(h))))
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05], ids=["no-clipping", "clipping"])
+def test_a_step_without_some_gradients_matches_pytorch(max_norm):
+    """Step 1 uses the branch, step 2 does not: step 2's norm, clipping and AdamW update (weight decay
+    included) must ignore the branch, whose parameters plain PyTorch leaves alone (.grad None)."""
+    torch.manual_seed(0)
+    reference, model = BranchyLM(), BranchyLM()
+    model.load_state_dict(reference.state_dict())
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    reference_optimizer = adamw(reference.parameters())
+    engine = me.Engine(model, adamw, micro_batch_size=3, max_norm=max_norm)
+    for step, use_branch in enumerate([True, False]):
+        reference.use_branch = model.use_branch = use_branch
+        batch = make_batch(seed=step)
+        reference_optimizer.zero_grad()
+        loss, tokens = summed_loss(reference, batch)
+        (loss / tokens).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm if max_norm else float("inf"))
+        reference_optimizer.step()
+        stats = engine.step(batch, summed_loss)
+        torch.testing.assert_close(stats["grad_norm"], norm, rtol=1e-5, atol=0)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
+
+
+def test_static_loss_scale_is_undone_exactly():
+    """A power-of-two loss scale is exact in fp32: parameters match an Engine without one bit for bit."""
+    torch.manual_seed(0)
+    plain, scaled = TinyLM(), TinyLM()
+    scaled.load_state_dict(plain.state_dict())
+    sgd = functools.partial(torch.optim.SGD, lr=0.5)
+    engines = [me.Engine(m, sgd, micro_batch_size=4, loss_scale=s) for m, s in ((plain, None), (scaled, 2.0**10))]
+    for seed in range(2):
+        results = [engine.step(make_batch(seed=seed), summed_loss) for engine in engines]
+        assert torch.equal(results[0]["grad_norm"], results[1]["grad_norm"])
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_dynamic_loss_scale_grows_after_growth_interval_good_steps():
+    torch.manual_seed(0)
+    model = TinyLM().to(torch.float16)
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    engine = me.Engine(model, sgd, micro_batch_size=3, growth_interval=2, initial_loss_scale=2.0**4)
+    scales = []
+    for seed in range(4):
+        assert not engine.step(make_batch(seed=seed), summed_loss)["skipped"]
+        scales.append(engine.loss_scale)
+    assert scales == [2.0**4, 2.0**5, 2.0**5, 2.0**6]
