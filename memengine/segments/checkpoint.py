@@ -44,6 +44,9 @@ from torch.utils._pytree import tree_flatten
 from memengine.segments.state_protection import NoStateUpdates, state_tensors
 
 DETERMINISM_CHECKS = ("default", "none")
+# torch.utils.checkpoint.GraphExecGroup (torch >= 2.14): backward passes grouped to share one
+# recomputation. Older torch has no such groups: each graph task recomputes.
+_GRAPH_EXEC_GROUP = getattr(torch_checkpoint, "GraphExecGroup", None)
 
 
 class CheckpointError(RuntimeError):
@@ -171,7 +174,7 @@ class CheckpointFrame:
         return index
 
     def _unpack(self, index):
-        group = torch_checkpoint.GraphExecGroup._get_current_group()
+        group = _GRAPH_EXEC_GROUP._get_current_group() if _GRAPH_EXEC_GROUP is not None else None
         task = group if group is not None else torch._C._current_graph_task_id()
         if self.recomputed is None or task != self.task or index >= len(self.recomputed):
             self.task = task  # the first need in this backward
