@@ -1,6 +1,7 @@
 # One-command workflows on a fresh clone. Each target creates the virtual environment it
 # needs ($(VENV)), installs PyTorch and the build/test tools into it, builds memengine
-# against that torch, then runs.
+# against that torch (again only when its C++/CUDA sources, setup.py or a build knob changed),
+# then runs.
 #
 #   make test    C++ tests (ctest) and the Python test suite
 #   make bench   the kernel benchmarks (tables + CSVs in benchmarks/results/)
@@ -15,7 +16,21 @@ TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 CMAKE_BUILD_DIR ?= cmake-build$(subst .venv,,$(VENV))
 
-.PHONY: test bench build venv cpp-test py-test clean
+.PHONY: test bench build venv cpp-test py-test clean FORCE
+
+# `make` recompiles the extension only when something it is built from changed since the last build
+# into $(VENV): a file of BUILD_INPUTS (newer than the stamp), a build knob, or memengine/_C*.so itself,
+# which every venv's editable install writes to the same place in the tree (so after a build into another
+# venv, e.g. VENV=.venv-cpu, this one rebuilds). The stamp records the knobs and the checksum of the
+# extension of the last build into $(VENV). Python sources need no rebuild: the install is editable.
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc build_tools -type f ! -path '*/__pycache__/*' 2>/dev/null)
+BUILD_KNOBS := MEMENGINE_SKIP_CUDA_BUILD=$(MEMENGINE_SKIP_CUDA_BUILD) MEMENGINE_REQUIRE_CUDA=$(MEMENGINE_REQUIRE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) DEBUG=$(DEBUG) CUDA_HOME=$(CUDA_HOME) CXX=$(CXX)
+BUILD_STAMP := $(VENV)/.built
+EXTENSION_CHECKSUM = cksum memengine/_C*.so 2>/dev/null
+EXTENSION_NOW := $(shell $(EXTENSION_CHECKSUM))
+BUILD_NOW := $(BUILD_KNOBS) $(EXTENSION_NOW)
+BUILD_RECORDED := $(shell cat $(BUILD_STAMP) 2>/dev/null)
+BUILD_STALE := $(if $(EXTENSION_NOW),,missing)$(filter-out $(BUILD_RECORDED),$(BUILD_NOW))$(filter-out $(BUILD_NOW),$(BUILD_RECORDED))
 
 venv: $(VENV)/.installed
 
@@ -25,11 +40,15 @@ $(VENV)/.installed:
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=64" wheel ninja cmake numpy pytest expecttest transformers==5.23.0
 	touch $@
 
-# --no-build-isolation: compile against the torch in $(VENV), never a second copy (README, "Installing").
-build: venv
-	$(PY) -m pip install --no-build-isolation --no-deps --editable . -v 2>&1 | tee $(VENV)/build.log | grep -E "memengine setup|rror" || true
-	@grep -q "Successfully installed memengine" $(VENV)/build.log || (tail -40 $(VENV)/build.log; exit 1)
+build: $(BUILD_STAMP)
 	$(PY) -m memengine info
+
+# --no-build-isolation: compile against the torch in $(VENV), never a second copy (README, "Installing").
+# The distribution is torch-memengine ("memengine" on PyPI is an unrelated project).
+$(BUILD_STAMP): $(VENV)/.installed $(BUILD_INPUTS) $(if $(BUILD_STALE),FORCE)
+	$(PY) -m pip install --no-build-isolation --no-deps --editable . -v 2>&1 | tee $(VENV)/build.log | grep -E "memengine setup|rror" || true
+	@grep -q "Successfully installed torch-memengine" $(VENV)/build.log || (tail -40 $(VENV)/build.log; exit 1)
+	@echo '$(BUILD_KNOBS)' "$$($(EXTENSION_CHECKSUM))" > $@
 
 cpp-test: build
 	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B $(CMAKE_BUILD_DIR) -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) > $(CMAKE_BUILD_DIR).log 2>&1 || (tail -40 $(CMAKE_BUILD_DIR).log; exit 1)
@@ -51,4 +70,4 @@ bench: build
 	$(PY) benchmarks/bench_plan.py
 
 clean:
-	rm -rf build cmake-build* memengine/_C*.so *.egg-info
+	rm -rf build cmake-build* memengine/_C*.so *.egg-info $(BUILD_STAMP)

@@ -1,5 +1,8 @@
 """Build of memengine and its compiled extension memengine._C.
 
+The distribution is named torch-memengine (`import memengine` is unchanged): the PyPI project
+named "memengine" is someone else's, so no message here tells anyone to install that name.
+
 The extension is compiled against the PyTorch already installed in the environment (see the
 README, "Installing"): always the C++ CPU kernels, plus the CUDA kernels when a CUDA toolkit
 is found and torch is a CUDA build. Whether this machine has a GPU does not matter.
@@ -64,10 +67,12 @@ def import_installed_torch():
 
         return torch
     except ImportError:
+        # Never name the package in an install command: "memengine" on PyPI is an unrelated project.
         sys.exit(
             "memengine setup: PyTorch is not installed. memengine compiles against the torch in your "
-            "environment: install it first (pip install torch), then run "
-            "`pip install --no-build-isolation memengine` (or `pip install --no-build-isolation .` in a checkout)."
+            "environment: install it first (pip install torch), then install memengine from its checkout "
+            "(`pip install --no-build-isolation .` in the directory holding setup.py) or from a torch-memengine "
+            "wheel built there."
         )
 
 
@@ -187,7 +192,9 @@ torch = import_installed_torch()
 ext_modules = extension_modules(torch)
 
 setup(
-    name="memengine",
+    # The import name stays `memengine`; the distribution needs a name of its own because
+    # "memengine" on PyPI is an unrelated project (README, "Installing").
+    name="torch-memengine",
     version="0.1.0",
     description="Memory-efficient training for PyTorch: fused fp32 gradient accumulation and recompute planning",
     packages=find_packages(include=["memengine", "memengine.*"]),
