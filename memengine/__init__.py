@@ -11,7 +11,7 @@ cli > studies > engine > segments > nn > grad > autograd > ops > triton; models 
 
 from memengine import ops  # noqa: I001  (first: defines the op schemas and loads the kernels)
 from memengine import grad, nn, plan, segments
-from memengine.engine import Engine
+from memengine.engine import Engine, causal_lm_loss
 from memengine.grad import GradBuffer, MasterOptimizer
 from memengine.nn import patch, unpatch
 from memengine.segments import CheckpointError, checkpoint, segment
@@ -29,6 +29,7 @@ __all__ = [
     "segments",
     "checkpoint",
     "patch",
+    "causal_lm_loss",
     "segment",
     "unpatch",
     "__version__",

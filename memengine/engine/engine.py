@@ -1,7 +1,8 @@
 """Engine: one optimizer step over micro-batches, with gradients accumulated into a GradBuffer.
 
-engine.step(batch, loss_fn) splits `batch` (a tensor, tuple/list or dict of tensors) along
-dim 0 into micro-batches; loss_fn(model, micro_batch) returns (loss_sum, num_tokens). Each
+engine.step(batch, loss_fn) splits `batch` (a tensor, tuple/list or Mapping of tensors, e.g. a
+transformers.BatchEncoding) along dim 0 into micro-batches; loss_fn(model, micro_batch) returns
+(loss_sum, num_tokens) (memengine.causal_lm_loss for causal LMs, the default). Each
 micro-batch's summed loss is backpropagated unscaled (times the fp16 loss scale), so the
 buffer holds the sum of per-token gradients; the step then divides by the total token count
 once, on the device, inside grad_stats_ (which also measures the norm and counts non-finite
@@ -12,20 +13,68 @@ non-finite gradient is skipped and the scale halved; it doubles after `growth_in
 steps).
 
 The loop itself never synchronises with the device; after it, step() reads the non-finite
-count once (to decide whether to step) and returns device tensors in its stats dict.
+count and the sign of the token total once (to decide whether to step) and returns device
+tensors in its stats dict.
+
+A live Engine registers itself, weakly, on its model (model._memengine_engines): unpatch(model)
+refuses while one is alive, since it would release the GradBuffer the Engine accumulates into.
+engine.close() (or deleting the Engine) lifts that.
 """
 
 import numbers
+import weakref
 
 import torch
 
 from memengine.engine.batches import split_batch
+from memengine.engine.losses import causal_lm_loss
 from memengine.grad import MasterOptimizer
 from memengine.nn import patch
 from memengine.segments import parse_bytes, repeated_blocks, segment
 
+LIVE_ENGINES_ATTRIBUTE = "_memengine_engines"  # read by memengine.nn.unpatch
+
 
 class Engine:
+    """Trains `model` one optimizer step at a time over micro-batches, with fused fp32 gradient
+    accumulation, fp32 master weights, token-count normalisation, clipping, loss scaling and an
+    optional activation budget.
+
+        engine = memengine.Engine(model, torch.optim.AdamW(model.parameters(), lr=3e-4), micro_batch_size=4)
+        stats = engine.step(batch)  # a causal LM batch: memengine.causal_lm_loss is the default loss_fn
+
+    Building it patches the model in place (memengine.patch: fused layers and one GradBuffer),
+    builds engine.optimizer (a MasterOptimizer, a torch.optim.Optimizer) and registers the
+    Engine on the model, which makes memengine.unpatch(model) refuse until engine.close() is
+    called or the Engine is deleted. engine.state_dict() / load_state_dict() resume exactly.
+
+    Args:
+        model: a torch.nn.Module; its trainable parameters may be fp32, bf16 or fp16.
+        optimizer: what steps the parameters' fp32 masters: a torch.optim.Optimizer class
+            (torch.optim.AdamW), a callable taking an iterable of parameters and returning one
+            (functools.partial(torch.optim.AdamW, lr=3e-4)), or an optimizer instance built over
+            the model's parameters and not yet stepped (an optimizer of its type, with its param
+            groups and options, is built over the masters; create learning-rate schedulers over
+            engine.optimizer, not over the instance).
+        micro_batch_size: rows per micro-batch; step() splits each batch into micro-batches of
+            this many rows (the last may have fewer).
+        max_norm: clip the gradient's global L2 norm to this (as torch.nn.utils.clip_grad_norm_);
+            None: no clipping.
+        loss_scale: "auto" (dynamic loss scaling when the model has fp16 parameters, none
+            otherwise), a float (a static scale), or None (no scaling).
+        initial_loss_scale, growth_interval: the dynamic scale starts at initial_loss_scale, halves
+            on a step with a non-finite gradient (which is skipped) and doubles after
+            growth_interval good steps in a row.
+        budget: activation bytes (an int, or a string such as "6GiB") one micro-batch's forward
+            and backward of the model's blocks may take; the first step profiles `blocks` on its
+            first micro-batch and applies the optimal recompute plan with memengine.segment
+            (engine.segment_handle holds it). None: no recomputation.
+        blocks: the modules the budget plans over (default: the model's largest nn.ModuleList
+            of same-type modules, e.g. a Hugging Face model's layers).
+        param_groups: optional per-group options, as torch.optim takes them, over the model's
+            parameters (see MasterOptimizer); not with an optimizer instance, which has its own.
+    """
+
     def __init__(
         self,
         model,
@@ -39,16 +88,6 @@ class Engine:
         blocks=None,
         param_groups=None,
     ):
-        """optimizer: a callable taking an iterable of parameters and returning a torch.optim
-        optimizer (a class, or functools.partial(torch.optim.AdamW, lr=...)). loss_scale: "auto"
-        (dynamic scaling when the model has fp16 parameters, none otherwise), a float (static), or None.
-        budget: activation bytes (an int, or a string such as "6GiB") one micro-batch's forward and
-        backward of the model's blocks may take; the first step profiles `blocks` (default: the
-        model's largest nn.ModuleList of same-type modules, e.g. a Hugging Face model's layers) on
-        its first micro-batch and applies the optimal recompute plan with me.segment
-        (engine.segment_handle holds it). param_groups: optional per-group options, as torch.optim
-        takes them, over the model's parameters (see MasterOptimizer). engine.optimizer is a
-        torch.optim.Optimizer: learning-rate schedulers and step hooks attach to it."""
         if micro_batch_size < 1:
             raise ValueError(f"Engine: micro_batch_size must be at least 1, got {micro_batch_size}")
         self.budget = parse_bytes(budget) if isinstance(budget, str) else budget
@@ -67,13 +106,59 @@ class Engine:
         self.loss_scale = float(loss_scale) if loss_scale is not None else 1.0
         self.growth_interval = growth_interval
         self._good_steps = 0
+        self._closed = False
+        model.__dict__.setdefault(LIVE_ENGINES_ATTRIBUTE, _LiveEngines()).add(self)
 
-    def step(self, batch, loss_fn):
+    def __repr__(self):
+        state = "closed" if self._closed else "live"
+        return (
+            f"<memengine.Engine ({state}) of a {type(self.model).__name__}, micro_batch_size={self.micro_batch_size}>"
+        )
+
+    def close(self):
+        """Detaches the Engine from its model: memengine.unpatch(model) is allowed afterwards and
+        step() is refused. The model stays patched (and any recompute plan applied). Idempotent."""
+        live = self.model.__dict__.get(LIVE_ENGINES_ATTRIBUTE)
+        if live is not None:
+            live.discard(self)
+        self._closed = True
+
+    def step(self, batch, loss_fn=None):
+        """One optimizer step over `batch`; returns its statistics.
+
+        batch: a tensor, a tuple or list, or any Mapping (dict, transformers.BatchEncoding) of
+        tensors, nested freely. Every tensor is split along dim 0 into micro-batches of
+        micro_batch_size rows, of the batch's own container types (a Mapping that cannot be
+        built from a dict becomes a dict); a Mapping's non-tensor values (None, numbers) go to
+        every micro-batch unchanged. All tensors must have the same number of rows (ValueError
+        naming each key's row count otherwise, before any forward).
+
+        loss_fn(model, micro_batch) -> (loss_sum, num_tokens): the micro-batch's loss SUMMED over
+        its tokens (a one-element tensor that requires grad) and how many tokens that sum is over
+        (a Python number or a one-element tensor; tensors stay on the device). The step's
+        gradient is that of sum(loss_sum) / sum(num_tokens) over the micro-batches, the
+        full-batch mean loss, however the tokens fall into micro-batches. Default (None):
+        memengine.causal_lm_loss, for Hugging Face-style causal LMs with labels (-100: ignored).
+        A bare tensor, a model output (whose .loss is a mean) or a loss without grad are refused
+        with the fix. A mean loss returned with its token count is not detectable and is wrong:
+        the reported loss is divided by the token count twice (e.g. 62x too small with 62 tokens)
+        and micro-batches are weighted equally, not by their token counts.
+
+        Returns a dict: "loss" (fp32 0-dim device tensor: the batch's mean loss, sum of loss_sum
+        over sum of num_tokens), "grad_norm" (fp32 device tensor: the gradient's L2 norm before
+        clipping), "tokens" (fp64 device tensor: the total token count), "skipped" (bool: True
+        when the gradient had a non-finite value and no step was taken) and "loss_scale" (float:
+        the loss scale after this step).
+        """
+        if self._closed:
+            raise RuntimeError("Engine.step: this Engine was closed (engine.close()); build a new Engine to train")
+        if loss_fn is None:
+            loss_fn = causal_lm_loss
+        micro_batches = split_batch(batch, self.micro_batch_size)
         device = self.buffer.data.device
         self.optimizer.zero_grad()
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
         tokens_total = torch.zeros((), dtype=torch.float64, device=device)
-        micro_batches = split_batch(batch, self.micro_batch_size)
         if self.budget is not None and self.segment_handle is None:
             blocks = self.blocks if self.blocks is not None else repeated_blocks(self.model)
             self.segment_handle = segment(
@@ -83,30 +168,26 @@ class Engine:
         # tensor of each would be a blocking host-to-device copy per micro-batch.
         host_tokens = 0
         for micro_batch in micro_batches:
-            loss_sum, num_tokens = loss_fn(self.model, micro_batch)
+            loss_sum, num_tokens = _checked_loss_result(loss_fn(self.model, micro_batch))
             (loss_sum * self.loss_scale if self.loss_scale != 1.0 else loss_sum).backward()
-            loss_total += loss_sum.detach().to(torch.float64)
+            loss_total += loss_sum.detach().reshape(()).to(torch.float64)
             if isinstance(num_tokens, torch.Tensor):
-                if num_tokens.numel() != 1:
-                    raise ValueError(
-                        f"Engine.step: loss_fn returned num_tokens of shape {tuple(num_tokens.shape)}; "
-                        "return one count per micro-batch (a number or a one-element tensor)"
-                    )
                 tokens_total += num_tokens.detach().reshape(()).to(device=device, dtype=torch.float64)
-            elif isinstance(num_tokens, numbers.Real):
-                host_tokens += num_tokens  # Python ints stay exact
             else:
-                raise TypeError(
-                    f"Engine.step: loss_fn must return (loss_sum, num_tokens) with num_tokens a number or a "
-                    f"tensor, got num_tokens of type {type(num_tokens).__name__}"
-                )
+                host_tokens += num_tokens  # Python ints stay exact
         tokens_total += float(host_tokens)  # a scalar kernel argument, not a copy
         self.buffer.finish_window()
         scale = (1.0 / (tokens_total * self.loss_scale)).to(torch.float32)
         stats = self.buffer.stats(scale)  # buffer /= tokens * loss scale; [norm, non-finite]
         if self.max_norm is not None:
             self.buffer.clip_(stats, self.max_norm)
-        skipped = bool(stats[1] > 0)  # the one host synchronisation of the step
+        # The one host synchronisation of the step.
+        skipped, no_tokens = torch.stack([stats[1] > 0, tokens_total <= 0]).tolist()
+        if no_tokens:
+            raise ValueError(
+                f"Engine.step: loss_fn's token counts sum to {tokens_total.item():g} over the batch, so there is "
+                "no mean loss to step on (were all labels -100?); nothing was stepped"
+            )
         if skipped:
             if self.dynamic_loss_scale:
                 self.loss_scale = max(self.loss_scale / 2, 1.0)
@@ -142,3 +223,84 @@ class Engine:
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.loss_scale = state_dict["loss_scale"]
         self._good_steps = state_dict["good_steps"]
+
+
+class _LiveEngines:
+    """The live Engines of a model, held weakly (an Engine that is deleted drops out). A deep copy
+    or a pickle of the model starts with none: the Engines train the original."""
+
+    def __init__(self):
+        self._engines = weakref.WeakSet()
+
+    def add(self, engine):
+        self._engines.add(engine)
+
+    def discard(self, engine):
+        self._engines.discard(engine)
+
+    def __iter__(self):
+        return iter(list(self._engines))
+
+    def __deepcopy__(self, memo):
+        return _LiveEngines()
+
+    def __reduce__(self):
+        return (_LiveEngines, ())
+
+
+def _checked_loss_result(result):
+    """loss_fn's (loss_sum, num_tokens), or an error that says what loss_fn must return. Checks
+    types and shapes only: nothing here reads a device value."""
+    expected = (
+        "loss_fn(model, micro_batch) must return (summed loss, number of tokens): the loss summed over the "
+        "micro-batch's tokens and how many tokens it sums, as memengine.causal_lm_loss does for causal LMs"
+    )
+    if isinstance(result, torch.Tensor):
+        raise TypeError(
+            f"Engine.step: loss_fn returned a bare tensor of shape {tuple(result.shape)} (a mean loss?); {expected}"
+        )
+    if not isinstance(result, (tuple, list)) and hasattr(result, "loss"):
+        raise TypeError(
+            f"Engine.step: loss_fn returned a {type(result).__name__}; its .loss (a model output's output.loss) "
+            "is a mean over the micro-batch's tokens, but the Engine weights micro-batches by their token counts "
+            f"and needs (summed loss, number of tokens). {expected} (return memengine.causal_lm_loss(model, "
+            "micro_batch), or (output.loss * n, n) with n the number of tokens the mean is over)"
+        )
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        count = f" of {len(result)} values" if isinstance(result, (tuple, list)) else ""
+        raise TypeError(f"Engine.step: loss_fn returned a {type(result).__name__}{count}; {expected}")
+    loss_sum, num_tokens = result
+    if not isinstance(loss_sum, torch.Tensor):
+        raise TypeError(
+            f"Engine.step: loss_fn returned a loss of type {type(loss_sum).__name__} (after .item()?); {expected}, "
+            "the loss a tensor that requires grad"
+        )
+    if loss_sum.numel() != 1:
+        raise ValueError(
+            f"Engine.step: loss_fn returned a loss of shape {tuple(loss_sum.shape)}; return its sum over the "
+            "micro-batch's tokens (a one-element tensor) together with the number of tokens"
+        )
+    if not loss_sum.requires_grad:
+        raise RuntimeError(
+            "Engine.step: loss_fn returned a loss that does not require grad: it was computed under torch.no_grad() "
+            "or torch.inference_mode(), or detached, or the model has no trainable parameter it depends on; "
+            "compute it with gradients enabled"
+        )
+    if isinstance(num_tokens, torch.Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(
+                f"Engine.step: loss_fn returned num_tokens of shape {tuple(num_tokens.shape)}; "
+                "return one count per micro-batch (a number or a one-element tensor)"
+            )
+    elif isinstance(num_tokens, numbers.Real):
+        if num_tokens < 0:
+            raise ValueError(
+                f"Engine.step: loss_fn returned a token count of {num_tokens}; num_tokens counts the tokens the "
+                "loss sums over and cannot be negative"
+            )
+    else:
+        raise TypeError(
+            f"Engine.step: loss_fn must return (loss_sum, num_tokens) with num_tokens a number or a "
+            f"tensor, got num_tokens of type {type(num_tokens).__name__}"
+        )
+    return loss_sum, num_tokens

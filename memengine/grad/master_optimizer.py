@@ -12,16 +12,48 @@ options, step hooks and state_dict work as with the wrapped optimizer. Groups an
 the masters (for fp32 parameters, the parameters themselves).
 """
 
+import inspect
+
 import torch
 
 MASTER_WEIGHTS_KEY = "master_weights"
+# torch.optim.Optimizer's hook registries: hooks on an optimizer instance MasterOptimizer replaces would be lost.
+_OPTIMIZER_HOOK_REGISTRIES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
 class MasterOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer that steps fp32 master copies of a GradBuffer's parameters.
+
+    MasterOptimizer(torch.optim.AdamW, buffer, lr=3e-4) builds the wrapped optimizer (here AdamW)
+    over one master per parameter of `buffer`: for a bf16/fp16 parameter an fp32 copy (a view of
+    one flat fp32 tensor laid out like the buffer), for an fp32 parameter the parameter itself.
+    Each master's gradient is its parameter's main_grad in the buffer, so the wrapped optimizer
+    sees fp32 gradients without a copy.
+
+    zero_grad() opens a new accumulation window in the buffer; step() steps the masters with the
+    gradients accumulated since (parameters that received none are skipped, as torch skips
+    .grad None) and then writes the masters back into the model parameters (cast to their dtype).
+    param_groups, state and defaults are the wrapped optimizer's own objects and refer to the
+    masters: learning-rate schedulers, per-group options and step hooks attach here.
+    state_dict() adds the masters ("master_weights"); load_state_dict() restores them and refreshes
+    the model. It cannot be pickled or deep-copied, and add_param_group is refused (the parameters
+    are fixed by the buffer).
+    """
+
     def __init__(self, optimizer_cls, buffer, *, param_groups=None, **kwargs):
         """optimizer_cls: a torch.optim.Optimizer class or a factory taking what such a class takes
         (e.g. functools.partial(torch.optim.AdamW, lr=...)); it is called with the masters and
-        **kwargs. param_groups: optional list of dicts as torch.optim takes them, holding the model's
+        **kwargs. Or an optimizer instance built over the model's parameters and not yet stepped:
+        an optimizer of its type is built over the masters with its param groups (each parameter
+        replaced by its master) and its defaults; the instance itself is left unused.
+        param_groups: optional list of dicts as torch.optim takes them, holding the model's
         parameters (or (name, parameter) pairs) with per-group options; together they must cover
         every parameter of `buffer` exactly once."""
         self.buffer = buffer
@@ -39,17 +71,24 @@ class MasterOptimizer(torch.optim.Optimizer):
                 master = torch.nn.Parameter(view)  # shares master_data's storage
             self.masters.append((p, master))
         self._low_precision = [(p, m) for p, m in self.masters if p.dtype != torch.float32]
-        if param_groups is None:
+        if isinstance(optimizer_cls, torch.optim.Optimizer):
+            if param_groups is not None or kwargs:
+                raise ValueError(
+                    "MasterOptimizer: an optimizer instance already holds its param_groups and options; pass "
+                    "either the instance alone, or an optimizer class with param_groups= and options"
+                )
+            self.optimizer = self._rebuilt_over_masters(optimizer_cls)
+        elif param_groups is None:
             # The model's registration order (the buffer's is reversed), as torch.optim.X(model.parameters())
             # has it: state dicts index parameters by position, and LBFGS's flat dot products sum in it.
             params = [m for _, m in reversed(self.masters)]
+            self.optimizer = optimizer_cls(params, **kwargs)
         else:
-            params = self._master_groups(param_groups)
-        self.optimizer = optimizer_cls(params, **kwargs)
+            self.optimizer = optimizer_cls(self._master_groups(param_groups), **kwargs)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"MasterOptimizer: optimizer_cls must build a torch.optim.Optimizer, got {type(self.optimizer)}; "
-                "pass an optimizer class or a functools.partial of one"
+                "pass an optimizer class, a functools.partial of one, or an optimizer instance"
             )
         # Not Optimizer.__init__: it would build a second set of groups from `params`. __setstate__ is
         # torch's own way to set an optimizer up around existing groups and state (unpickling): it
@@ -93,6 +132,34 @@ class MasterOptimizer(torch.optim.Optimizer):
                 f"(shapes {missing[:4]}); every trainable parameter gets a gradient and must be stepped"
             )
         return groups
+
+    def _rebuilt_over_masters(self, instance):
+        """A new optimizer of instance's type, with its defaults and param groups, over the masters."""
+        name = type(instance).__name__
+        if instance.state:
+            raise ValueError(
+                f"MasterOptimizer: the {name} instance already has state (it has stepped); its state belongs to "
+                "the model's parameters, not to the fp32 masters the Engine steps. Pass an optimizer that has not "
+                "stepped, or its class/functools.partial, and restore state with engine.load_state_dict"
+            )
+        if any("initial_lr" in group for group in instance.param_groups):
+            raise ValueError(
+                f"MasterOptimizer: a learning-rate scheduler is attached to the {name} instance; it would go on "
+                "changing an optimizer that no longer steps anything. Create the scheduler over engine.optimizer "
+                "(this MasterOptimizer) instead"
+            )
+        hooks = [hook for hook in _OPTIMIZER_HOOK_REGISTRIES if getattr(instance, hook, None)]
+        if hooks:
+            raise ValueError(
+                f"MasterOptimizer: the {name} instance has hooks registered ({', '.join(hooks)}); they would not "
+                "run. Register them on engine.optimizer (this MasterOptimizer) instead"
+            )
+        groups = self._master_groups(instance.param_groups)
+        accepted = inspect.signature(type(instance).__init__).parameters
+        takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in accepted.values())
+        # Not every default is a constructor argument (AdamW sets decoupled_weight_decay itself).
+        options = {key: value for key, value in instance.defaults.items() if takes_any or key in accepted}
+        return type(instance)(groups, **options)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -65,7 +65,15 @@ def patch(model):
 
 
 def unpatch(model):
-    """Restores the original module classes and releases the GradBuffer that patch() attached."""
+    """Restores the original module classes and releases the GradBuffer that patch() attached.
+    Refused (RuntimeError) while a memengine.Engine built on the model is alive: it accumulates
+    into that buffer. Engines list themselves, weakly, in model._memengine_engines."""
+    live_engines = list(model.__dict__.get("_memengine_engines", ()))
+    if live_engines:
+        raise RuntimeError(
+            f"unpatch: the model is trained by a live memengine.Engine ({live_engines[0]!r}) that accumulates "
+            "into the GradBuffer unpatch would release; call engine.close() first (or delete the Engine)"
+        )
     for module in model.modules():
         original = module.__dict__.pop("_memengine_original_class", None)
         if original is not None:

@@ -117,6 +117,7 @@ def run(config, micro_batches, rows, measure_memory=True):
     results["memengine"] = {"relative_error": relative_error(step(), reference)}
     if measure_memory:
         results["memengine"]["peak_bytes"] = peak_extra_bytes(step, torch.device("cpu"))
+    engine.close()  # the model outlives this Engine: detach it before unpatching
     me.unpatch(model)
     gradient_set_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return results, gradient_set_bytes
