@@ -12,11 +12,17 @@ overwrites its slice (beta = 0) instead of needing a zeroing pass; later ones ad
 belongs to the buffer, per parameter, and changes only in backward, so a recomputed forward
 does not disturb it. `finish_window()` zeroes the slices of parameters that received nothing.
 
-fp32 parameters: from their first contribution on, `p.grad` is the main_grad view itself, so any
-torch.optim optimizer works unchanged, and a backward that raises half way (an out-of-memory error
-the training loop catches) leaves .grad as plain PyTorch would: what was accumulated so far, which
-optimizer.zero_grad() clears. bf16/fp16 parameters: `p.grad` stays None; step them through
-memengine.MasterOptimizer, which owns fp32 master weights whose .grad are the views.
+From its first contribution in a window on, `p.grad` is the main_grad view itself, for every
+parameter: torch.nn.utils.clip_grad_norm_ and anything else that reads .grad sees the buffer's fp32
+gradient, and a backward that raises half way (an out-of-memory error the training loop catches)
+leaves .grad as plain PyTorch would: what was accumulated so far. Clearing .grad (model.zero_grad(),
+optimizer.zero_grad(), Trainer's and accelerate's zero-grad calls) opens a new window for that
+parameter. bf16/fp16 parameters get an fp32 .grad through torch's `grad_dtype = None` (any gradient
+dtype; incoming low-precision gradients are not cast), restored by release(). Step them through
+memengine.MasterOptimizer, which owns fp32 master weights whose .grad are the views: any other
+torch optimizer about to step them raises (refuse_low_precision_step, a global step pre-hook), as it
+would apply the fp32 gradient straight to the low-precision weights. fp32 parameters work with any
+torch.optim optimizer unchanged.
 
 Built from a module, the buffer also guards it: sparse embeddings and data-parallel wrappers (DDP,
 FSDP, fully_shard), whose reduction would bypass the buffer, are refused, and check_coverage()
@@ -27,6 +33,7 @@ import functools
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from memengine import ops
 from memengine.grad.hooks import (
@@ -34,9 +41,13 @@ from memengine.grad.hooks import (
     fold_autograd_gradient,
     is_view_of_main_grad,
     refuse_data_parallel,
+    refuse_low_precision_step,
+    track_low_precision_buffer,
 )
 
 ALIGNMENT = 64  # elements: each slice starts on a 256-byte boundary for fp32
+
+register_optimizer_step_pre_hook(refuse_low_precision_step)  # once: a module is imported once per process
 
 
 class GradBuffer:
@@ -80,7 +91,8 @@ class GradBuffer:
         self._covered = {id(p) for p in self.params}
         self._coverage_checked = False  # check_coverage() passed in this window
         self._first = {}  # id(p) -> True while p's next contribution must overwrite
-        self._grad_is_view = set()  # ids of fp32 parameters whose .grad we set to the main_grad view
+        self._grad_is_view = set()  # ids of parameters whose .grad we set to the main_grad view
+        self._low_precision_grad_dtypes = {}  # id(p) -> p.grad_dtype before the buffer, for release()
         # graph task id -> parameters that received a contribution in that backward. Keyed by task,
         # not one flag: a backward that raises never runs its end-of-backward callback, and nested
         # backward passes (reentrant checkpoints) each queue their own.
@@ -99,10 +111,15 @@ class GradBuffer:
             # runs post-accumulate hooks for parameters that a fused layer returned no
             # gradient for, so a leftover .grad would be folded in again.)
             p.grad = None
+            if p.dtype != torch.float32:
+                self._low_precision_grad_dtypes[id(p)] = p.grad_dtype
+                p.grad_dtype = None  # lets .grad be the fp32 view; autograd still delivers bf16/fp16
             p.main_grad = self.data[offset : offset + p.numel()].view_as(p)
             p._memengine_buffer = self_ref
             self._first[id(p)] = True
             self._hook_handles.append(p.register_post_accumulate_grad_hook(fold_autograd_gradient))
+        if self._low_precision_grad_dtypes:
+            track_low_precision_buffer(self, live=True)
 
     @property
     def module(self):
@@ -127,16 +144,25 @@ class GradBuffer:
         self.data.zero_()
         self.start_window()
 
+    def _open_window_if_grad_cleared(self, p):
+        """A main_grad view in .grad that was cleared since claim() set it (model.zero_grad(),
+        optimizer.zero_grad(), Trainer's or accelerate's zero-grad calls) opens a new window for p."""
+        if id(p) in self._grad_is_view and not is_view_of_main_grad(p):
+            self._first[id(p)] = True
+            self._grad_is_view.discard(id(p))
+            self._coverage_checked = False  # and a new optimizer step: check coverage again
+
     def finish_window(self):
-        """Zeroes the slices of parameters that received no gradient since start_window(), so that
+        """Zeroes the slices of parameters that received no gradient in the current window, so that
         the whole buffer holds this window's gradients. Returns those parameters."""
-        empty = [p for p in self.params if self._first[id(p)]]
+        empty = [p for p in self.params if not self.received_gradient(p)]
         for p in empty:
             p.main_grad.zero_()
         return empty
 
     def received_gradient(self, p):
         """True if p has had a contribution in the current window."""
+        self._open_window_if_grad_cleared(p)
         return not self._first[id(p)]
 
     # -- statistics and clipping on the whole buffer ------------------------------------------
@@ -196,32 +222,32 @@ class GradBuffer:
         return _HookHandle(self._ready_hooks, fn)
 
     def release(self):
-        """Detaches the buffer: removes hooks and the main_grad attributes."""
+        """Detaches the buffer: removes hooks and the main_grad attributes; low-precision parameters
+        lose their fp32 .grad and get their grad_dtype back (fp32 ones keep the view as a plain .grad)."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
         for p in self.params:
+            if id(p) in self._low_precision_grad_dtypes:
+                if p.grad is not None and p.grad.dtype != p.dtype:
+                    p.grad = None  # the buffer's fp32 view: no plain low-precision loop could use it
+                p.grad_dtype = self._low_precision_grad_dtypes[id(p)]
             for name in ("main_grad", "_memengine_buffer"):
                 if hasattr(p, name):
                     delattr(p, name)
+        self._low_precision_grad_dtypes = {}
+        track_low_precision_buffer(self, live=False)
 
     # -- contributions (called from backward) -------------------------------------------------
     def claim(self, p):
         """Whether p's contribution now must overwrite; records that p got one in this backward."""
+        self._open_window_if_grad_cleared(p)
         first = self._first[id(p)]
-        if id(p) in self._grad_is_view and not is_view_of_main_grad(p):
-            # The user cleared .grad (optimizer.zero_grad()): that opens a new window for p.
-            first = True
-            self._grad_is_view.discard(id(p))
-            self._coverage_checked = False  # and a new optimizer step: check coverage again
         self._first[id(p)] = False
-        if p.dtype == torch.float32:
-            # Now, not at the end of backward: any torch.optim optimizer reads it there, and zero_grad()
-            # must be able to clear what a backward that raises half way has accumulated.
-            p.grad = p.main_grad
-            self._grad_is_view.add(id(p))
-        else:
-            p.grad = None  # no low-precision gradient survives; MasterOptimizer reads main_grad
+        # Now, not at the end of backward: zero_grad() must be able to clear what a backward that raises
+        # half way has accumulated. Any low-precision temporary autograd left in .grad dies here.
+        p.grad = p.main_grad
+        self._grad_is_view.add(id(p))
         task = torch._C._current_graph_task_id()
         touched = self._touched.get(task)
         if touched is None:

@@ -36,11 +36,13 @@ def test_no_low_precision_gradient_outlives_its_fold(monkeypatch):
     monkeypatch.setattr(hooks.ops, "accumulate_", tracking_accumulate)
     buffer = me.patch(model)
     buffer.start_window()
-    for micro_batch in data.split(2):
+    for i, micro_batch in enumerate(data.split(2)):
         loss, _ = study.summed_loss(model, micro_batch)
         loss.backward()
-        assert folded, "the norms and embeddings are folded by the hook"
+        # The first micro-batch's norm and embedding gradients are folded by the hook; later ones
+        # autograd adds in place into .grad, which is by then the fp32 main_grad view.
+        assert folded or i > 0, "the norms and embeddings are folded by the hook"
         assert all(ref() is None for ref in folded), "a bf16 gradient survived its fold"
-        assert all(p.grad is None for p in model.parameters())
+        assert all(p.grad is None or p.grad.data_ptr() == p.main_grad.data_ptr() for p in model.parameters())
         assert all(p.dtype == torch.bfloat16 for p in model.parameters())
         folded.clear()
