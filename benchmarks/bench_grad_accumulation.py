@@ -2,16 +2,9 @@
 against plain PyTorch, on a bf16 GPT-style model (CPU). The methods live in
 memengine/studies/grad_accumulation.py (the tests run them on a smaller model).
 
-Accuracy: the accumulated, token-normalised gradient of one step (all micro-batches), compared
-with an fp64 oracle computed from the same bf16 weights and the same data; the number is
-||g - g64|| / ||g64|| over all parameters. Methods:
-  pytorch-bf16        PyTorch's default: bf16 .grad accumulated by autograd across micro-batches
-  pytorch-fp32-master after each micro-batch, p.grad (bf16) is added into an fp32 buffer and freed
-  pytorch-fp32-master-zeroed  the same, but .grad zeroed in place (zero_grad(set_to_none=False))
-  memengine           memengine.Engine (fused Linear wgrad into fp32, other grads folded at once)
-Memory: the peak of bytes allocated through PyTorch's CPU allocator during one step (the
-profiler's allocation events; persistent buffers allocated before the step are excluded),
-for the fp32-master baseline and for memengine. A bf16 gradient set is 2 bytes per parameter.
+It prints, per method (the study's docstring describes them), the step gradient's relative error
+against an fp64 oracle and the CPU allocator's peak during the step; a bf16 gradient set is 2
+bytes per parameter.
 
   python benchmarks/bench_grad_accumulation.py [--layers 4 --width 256 --micro-batches 64]
 """
