@@ -14,6 +14,7 @@ assumes). handle.remove() restores the original forwards.
 """
 
 import contextlib
+import functools
 import warnings
 import weakref
 
@@ -145,11 +146,7 @@ def _install_checkpoint(members, runner, first_index=0):
         return output
 
     for position, block in enumerate(members):
-
-        def hand_on(*args, _position=position, **kwargs):
-            return run_segment(*args, _position=_position, **kwargs)
-
-        block.forward = hand_on
+        block.forward = functools.partial(run_segment, _position=position)
 
 
 def segment(blocks, plan=None, budget=None, sample=None):

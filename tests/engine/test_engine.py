@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from token_batches import make_batch, summed_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memengine as me
@@ -23,23 +24,6 @@ class TinyLM(torch.nn.Module):
     def forward(self, tokens):
         h = self.embed(tokens)
         return self.head(self.norm(h + torch.tanh(self.mix(h))))
-
-
-def summed_loss(model, batch):
-    """(sum of token losses over non-padding tokens, their count): padding is label -100."""
-    tokens, labels = batch["tokens"], batch["labels"]
-    logits = model(tokens).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
-
-
-def make_batch(rows=6, length=7, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 30, (rows, length), generator=generator)
-    labels = tokens.clone()
-    for row in range(rows):  # a different number of real tokens per row
-        labels[row, length - row :] = -100
-    return {"tokens": tokens, "labels": labels}
 
 
 def test_uneven_micro_batches_give_the_full_batch_gradient():

@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from token_batches import make_batch, summed_loss
 
 import memengine as me
 from memengine.engine import split_batch
@@ -28,22 +29,6 @@ class TinyLM(torch.nn.Module):
     def forward(self, tokens):
         h = self.embed(tokens)
         return self.head(h + torch.tanh(self.mix(h)))
-
-
-def summed_loss(model, batch):
-    tokens, labels = batch["tokens"], batch["labels"]
-    logits = model(tokens).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
-
-
-def make_batch(rows=6, length=7, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 30, (rows, length), generator=generator)
-    labels = tokens.clone()
-    for row in range(rows):  # a different number of real tokens per row
-        labels[row, length - row :] = -100
-    return {"tokens": tokens, "labels": labels}
 
 
 def twin_models(make=TinyLM):
