@@ -141,6 +141,9 @@ class CheckpointFrame:
         self.running = 0  # calls whose forward is still running (a backward inside one sees a prefix)
         self.protect_state = False  # recompute under NoStateUpdates (see the module docstring)
 
+    # Under torch.compile the call runs eagerly: a compiled region saves other tensors, in another
+    # order, than the eager recomputation in backward would reproduce (the metadata check then fails).
+    @torch.compiler.disable
     def call(self, fn, args, kwargs, *, chain=None, context=None):
         """Runs fn(*args, **kwargs) as the frame's next call (under `context` too) and returns its output."""
         leaves = tree_flatten((args, kwargs))[0]

@@ -509,3 +509,20 @@ def test_checkpoint_sequential_runs_on_me_checkpoint(monkeypatch):
     out = torch_checkpoint.checkpoint_sequential(model, 2, x, use_reentrant=False)
     assert_all_equal(expected, torch.autograd.grad(out.sum(), [x, *model.parameters()]))
     assert calls and all(call.get("use_reentrant") is False for call in calls)
+
+
+def test_inside_torch_compile_gives_the_eager_gradient():
+    """A compiled caller: the checkpointed function runs eagerly (its saves must match the eager
+    recomputation), dropout included; the gradient equals plain PyTorch's with the same RNG state."""
+    torch.manual_seed(0)
+    linear, dropout = torch.nn.Linear(16, 16), torch.nn.Dropout(0.3)
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def fn(x):
+        return torch.sin(dropout(linear(x))).sum()
+
+    torch.manual_seed(1)
+    expected = torch.autograd.grad(fn(x), [x, linear.weight])
+    torch.manual_seed(1)
+    compiled = torch.compile(lambda x: me.checkpoint(fn, x, use_reentrant=False))
+    assert_all_equal(expected, torch.autograd.grad(compiled(x), [x, linear.weight]))
