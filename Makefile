@@ -37,7 +37,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=64" wheel ninja cmake numpy pytest expecttest transformers==5.23.0
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=64" wheel ninja cmake numpy pytest expecttest transformers==5.23.0 accelerate==1.15.0
 	touch $@
 
 build: $(BUILD_STAMP)
@@ -63,7 +63,8 @@ py-test: build
 # release goes into its own folder on PYTHONPATH, so the venv keeps the pinned one.
 HF_LATEST := $(VENV)/transformers-latest
 HF_TESTS := tests/segments/test_segment_llama.py tests/segments/test_segment_kv_cache.py \
-	tests/engine/test_ergonomics.py tests/grad/test_grad_buffer.py tests/differential/test_against_pytorch.py
+	tests/engine/test_ergonomics.py tests/grad/test_grad_buffer.py tests/differential/test_against_pytorch.py \
+	tests/integrations
 hf-latest-test: build
 	$(PY) -m pip install --quiet --upgrade --target $(HF_LATEST) "transformers>=5,<6"
 	PYTHONPATH=$(abspath $(HF_LATEST)) $(PY) -c "import transformers; print('transformers', transformers.__version__)"

@@ -1,0 +1,244 @@
+"""memengine.integrations.transformers.prepare(trainer) against a plain Hugging Face Trainer
+running the usual fp32-master-weights recipe (hf_training.Fp32MasterAdamW) on the same bf16
+model: losses and logged gradient norms (against the recipe with fp32 gradient accumulation,
+plain autograd's closest match to the buffer), peak memory (against the recipe as usually run,
+with bf16 gradients), checkpoint resume, activation checkpointing, and the configurations
+prepare() refuses."""
+
+import gc
+import math
+
+import pytest
+import torch
+import transformers
+from hf_training import MODEL_KINDS, Fp32MasterAdamW, accumulate_gradients_in_fp32, make_dataset, make_model
+from torch.profiler import ProfilerActivity, profile
+
+import memengine as me
+from memengine.integrations.transformers import prepare
+
+STEPS = 20
+
+
+def training_args(output_dir, **overrides):
+    options = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=STEPS,
+        max_grad_norm=1.0,
+        lr_scheduler_type="cosine",
+        learning_rate=3e-3,
+        weight_decay=0.1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    options.update(overrides)
+    return transformers.TrainingArguments(**options)
+
+
+def reference_trainer(model, args):
+    """A plain Trainer whose optimizer is Trainer's own AdamW (its class, options and weight-decay
+    groups) over fp32 master copies of the bf16 parameters."""
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=make_dataset())
+    optimizer_cls, options = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert optimizer_cls is torch.optim.AdamW, optimizer_cls
+    decay = set(trainer.get_decay_parameter_names(model))
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    trainer.optimizer = Fp32MasterAdamW(groups, **options)
+    return trainer
+
+
+def memengine_trainer(model, args):
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=make_dataset())
+    prepare(trainer)
+    return trainer
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def spy_buffer_norms(trainer, buffer):
+    """Records the buffer's fp32 gradient norm (computed here in fp64 over the parameters that
+    received a gradient) each time Trainer clips, before clipping."""
+    norms = []
+    clip = trainer.accelerator.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        received = [p.main_grad.double() for p in buffer.params if buffer.received_gradient(p)]
+        norms.append(math.sqrt(sum(float(g.square().sum()) for g in received)))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    trainer.accelerator.clip_grad_norm_ = recording_clip
+    return norms
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_trainer_tracks_the_fp32_master_recipe_and_logs_the_buffer_norm(kind, tmp_path):
+    reference = reference_trainer(accumulate_gradients_in_fp32(make_model(kind)), training_args(tmp_path / "reference"))
+    reference.train()
+    model = make_model(kind)
+    trainer = memengine_trainer(model, training_args(tmp_path / "memengine"))
+    norms = spy_buffer_norms(trainer, me.patch(model))  # patch is idempotent: the buffer prepare() built
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, me.MasterOptimizer)
+    losses, expected = logged(trainer, "loss"), logged(reference, "loss")
+    assert len(losses) == len(expected) == STEPS
+    for step, (loss, want) in enumerate(zip(losses, expected, strict=True)):
+        assert abs(loss - want) <= 1e-3 * abs(want), f"step {step + 1}: loss {loss} vs the plain recipe's {want}"
+    assert losses[-1] < losses[0] - 0.5, f"no training happened: {losses}"
+    grad_norms = logged(trainer, "grad_norm")
+    assert len(norms) == len(grad_norms) == STEPS
+    for step, (norm, buffer_norm) in enumerate(zip(grad_norms, norms, strict=True)):
+        assert abs(norm - buffer_norm) <= 1e-5 * buffer_norm, f"step {step + 1}: logged {norm}, buffer {buffer_norm}"
+    assert max(norms) > 1.0, "max_grad_norm=1.0 never clipped: the test would not see clipping errors"
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_resuming_from_the_step_10_checkpoint_reaches_the_same_step_20_parameters(kind, tmp_path):
+    model = make_model(kind)
+    trainer = memengine_trainer(model, training_args(tmp_path / "run", save_strategy="steps", save_steps=10))
+    trainer.train()
+    # Other weights: everything the resumed run ends with must come from the checkpoint.
+    resumed_model = make_model(kind, seed=1234)
+    resumed = memengine_trainer(resumed_model, training_args(tmp_path / "resumed"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-10"))
+    assert logged(resumed, "loss") == logged(trainer, "loss")  # steps 1-10 come from the checkpoint's state
+    for (name, want), got in zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(got, want), f"{name} differs after resuming"
+    masters, resumed_masters = trainer.optimizer.optimizer.master_data, resumed.optimizer.optimizer.master_data
+    assert torch.equal(resumed_masters, masters)
+
+
+def test_a_checkpoint_without_master_weights_is_refused_on_resume(tmp_path):
+    plain = reference_trainer(
+        make_model("gpt2"), training_args(tmp_path / "plain", max_steps=2, save_strategy="steps", save_steps=2)
+    )
+    plain.train()
+    trainer = memengine_trainer(make_model("gpt2"), training_args(tmp_path / "resumed", max_steps=4))
+    with pytest.raises(ValueError, match="master weights"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+def allocator_peaks(fn):
+    """(peak of the whole call, peak while an optimizer step runs) of the bytes allocated through
+    the CPU allocator during fn(), from the profiler's memory events in time order."""
+    gc.collect()  # garbage of earlier runs freed during fn() would count as negative allocations
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        fn()
+    events = recorded.profiler.kineto_results.events()
+    steps = [(e.start_ns(), e.end_ns()) for e in events if e.name().startswith("Optimizer.step#")]
+    assert steps, "no optimizer step was recorded"
+    live = peak = step_peak = 0
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+        if any(start <= event.start_ns() <= end for start, end in steps):
+            step_peak = max(step_peak, live)
+    return peak, step_peak
+
+
+def test_peak_memory_is_below_the_usual_recipe_by_at_least_one_bf16_gradient_set(tmp_path):
+    """The usual recipe holds bf16 gradients during backward and, at the optimizer step, fp32
+    copies of them next to the fp32 masters and AdamW's state; memengine's fp32 buffer is the
+    only gradient. At the optimizer step, the usual recipe's peak, memengine holds one bf16
+    gradient set (2 bytes per parameter) less. Over the whole run the saving is smaller when the
+    backward is memengine's peak: there the buffer's 4 bytes per parameter meet the activations,
+    where the usual recipe holds 2 bytes of bf16 gradients; hence a model with small micro-batches
+    here (1.3M parameters, 32 tokens), the regime of fine-tuning a large model. Both runs start
+    from an identical model in memory and are measured by the allocator from building the
+    Trainer to the end of train()."""
+
+    def measure(build, name):
+        model = make_model("llama", width=256)
+        args = training_args(tmp_path / name, max_steps=3, per_device_train_batch_size=1)
+        return allocator_peaks(lambda: build(model, args).train()), 2 * sum(p.numel() for p in model.parameters())
+
+    (reference, reference_step), bf16_gradient_set = measure(reference_trainer, "reference")
+    (memengine, memengine_step), _ = measure(memengine_trainer, "memengine")
+    peaks = f"reference {reference} (step {reference_step}), memengine {memengine} (step {memengine_step})"
+    assert reference == reference_step, f"the usual recipe's peak should be its optimizer step: {peaks}"
+    # To within 1 KiB of small bookkeeping allocations (step counters, scalars) that differ.
+    assert reference_step - memengine_step >= bf16_gradient_set - 1024, f"{peaks}; bf16 gradients {bf16_gradient_set}"
+    assert memengine < reference, peaks
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("flag", ["activation_checkpointing", "gradient_checkpointing"])
+def test_trainers_activation_checkpointing_gives_the_same_training(kind, flag, tmp_path):
+    runs = {}
+    for checkpointing in (False, True):
+        model = make_model(kind)
+        trainer = memengine_trainer(
+            model, training_args(tmp_path / str(checkpointing), max_steps=5, **{flag: checkpointing})
+        )
+        trainer.train()
+        runs[checkpointing] = (logged(trainer, "loss"), logged(trainer, "grad_norm"), list(model.parameters()))
+    assert runs[True][:2] == runs[False][:2]
+    for a, b in zip(runs[True][2], runs[False][2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_optimizer_passed_to_the_trainer_is_stepped_through_fp32_masters(tmp_path):
+    model = make_model("gpt2")
+    args = training_args(tmp_path, max_steps=3)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset(),
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+    )
+    prepare(trainer)
+    assert isinstance(trainer.optimizer, me.MasterOptimizer) and isinstance(
+        trainer.optimizer.optimizer, torch.optim.SGD
+    )
+    masters = trainer.optimizer.masters
+    before = [master.detach().clone() for _, master in masters]
+    trainer.train()
+    # The masters, not the bf16 weights: an update below a bf16 weight's rounding step (LayerNorm
+    # weights at 1.0) leaves the weight as it is, which is what the fp32 masters are for.
+    assert all(not torch.equal(a, m) for a, (_, m) in zip(before, masters, strict=True))
+
+
+def test_without_prepare_a_plain_trainer_over_a_patched_bf16_model_raises(tmp_path):
+    model = make_model("gpt2")
+    me.patch(model)
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=make_dataset())
+    with pytest.raises(RuntimeError, match="MasterOptimizer"):
+        trainer.train()
+
+
+def test_configurations_the_buffer_cannot_serve_are_refused_before_anything_changes(tmp_path):
+    def trainer(**kwargs):
+        kwargs.setdefault("model", make_model("gpt2"))
+        return transformers.Trainer(args=training_args(tmp_path), train_dataset=make_dataset(), **kwargs)
+
+    with pytest.raises(RuntimeError, match="model_init"):
+        prepare(trainer(model=None, model_init=lambda: make_model("gpt2")))
+    model = make_model("gpt2")
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    passed = transformers.Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=make_dataset(), optimizers=(optimizer, scheduler)
+    )
+    with pytest.raises(RuntimeError, match="scheduler"):
+        prepare(passed)
+    assert not hasattr(model, "_memengine_grad_buffer")  # refused before patching
+    fp16 = trainer()
+    fp16.args.fp16 = True  # the check reads the arguments; fp16 autocast itself needs a GPU
+    with pytest.raises(RuntimeError, match="fp16"):
+        prepare(fp16)
+    twice = trainer()
+    prepare(twice)
+    with pytest.raises(RuntimeError, match="already prepared"):
+        prepare(twice)
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        prepare(model)
