@@ -79,6 +79,7 @@ bench: build
 	$(PY) benchmarks/bench_wgrad_accumulate.py
 	$(PY) benchmarks/bench_bf16_peak.py
 	$(PY) benchmarks/bench_grad_accumulation.py
+	$(PY) benchmarks/bench_step_budget.py
 	$(PY) benchmarks/bench_plan.py
 	$(PY) benchmarks/bench_bytes_per_parameter.py
 

@@ -7,10 +7,10 @@ micro-batch's summed loss is backpropagated unscaled (times the fp16 loss scale)
 buffer holds the sum of per-token gradients; the step then divides by the total token count
 once, on the device, inside grad_stats_ (which also measures the norm and counts non-finite
 values). The result equals the full-batch mean-loss gradient whatever the token count of each
-micro-batch. Optional: an activation budget (a recompute plan applied to the model's blocks
-with me.segment at the first step), clipping, and for fp16 dynamic loss scaling (a step with a
-non-finite gradient is skipped and the scale halved; it doubles after `growth_interval` good
-steps).
+micro-batch. Optional: a whole-step memory budget (a recompute plan applied to the model's
+blocks at the first step so that the step's peak on the device fits it; see step_memory),
+clipping, and for fp16 dynamic loss scaling (a step with a non-finite gradient is skipped and
+the scale halved; it doubles after `growth_interval` good steps).
 
 The loop itself never synchronises with the device; after it, step() reads the non-finite
 count and the sign of the token total once (to decide whether to step) and returns device
@@ -22,15 +22,23 @@ engine.close() (or deleting the Engine) lifts that.
 """
 
 import numbers
+import warnings
 import weakref
 
 import torch
 
 from memengine.engine.batches import split_batch
 from memengine.engine.losses import causal_lm_loss
+from memengine.engine.step_memory import (
+    MemoryReport,
+    human_bytes,
+    measure_step_peak,
+    plan_step_memory,
+    resident_tensors,
+)
 from memengine.grad import MasterOptimizer
 from memengine.nn import patch
-from memengine.segments import parse_bytes, repeated_blocks, segment
+from memengine.segments import parse_bytes, repeated_blocks
 
 LIVE_ENGINES_ATTRIBUTE = "_memengine_engines"  # read by memengine.nn.unpatch
 
@@ -38,7 +46,7 @@ LIVE_ENGINES_ATTRIBUTE = "_memengine_engines"  # read by memengine.nn.unpatch
 class Engine:
     """Trains `model` one optimizer step at a time over micro-batches, with fused fp32 gradient
     accumulation, fp32 master weights, token-count normalisation, clipping, loss scaling and an
-    optional activation budget.
+    optional whole-step memory budget.
 
         engine = memengine.Engine(model, torch.optim.AdamW(model.parameters(), lr=3e-4), micro_batch_size=4)
         stats = engine.step(batch)  # a causal LM batch: memengine.causal_lm_loss is the default loss_fn
@@ -65,12 +73,25 @@ class Engine:
         initial_loss_scale, growth_interval: the dynamic scale starts at initial_loss_scale, halves
             on a step with a non-finite gradient (which is skipped) and doubles after
             growth_interval good steps in a row.
-        budget: activation bytes (an int, or a string such as "6GiB") one micro-batch's forward
-            and backward of the model's blocks may take; the first step profiles `blocks` on its
-            first micro-batch and applies the optimal recompute plan with memengine.segment
-            (engine.segment_handle holds it). None: no recomputation.
+        budget: the whole-step peak (an int of bytes, or a string such as "16GiB"): the most bytes
+            allocated on the model's device at any moment of one step(batch), i.e. parameters and
+            buffers, gradient buffer, fp32 masters, optimizer state, the batch, one micro-batch's
+            activations and gradients (the repeated blocks' and the others': embeddings, final
+            norm, LM head, logits, loss) and temporaries, those of the optimizer step included.
+            The first step, before its first micro-batch, measures the layers outside `blocks`
+            on its first micro-batch (every block recomputed), predicts the optimizer state and
+            step, profiles the blocks and applies the least-recompute plan whose predicted peak
+            fits what is left (engine.segment_handle holds it; engine.memory_report() shows the
+            breakdown). A budget at or above the no-recompute peak recomputes nothing and says so
+            once (a warning with the numbers); one below the smallest feasible peak raises
+            ValueError naming it, before any parameter changes. None: no recomputation.
+            (memengine.segment(blocks, budget=...) keeps its meaning: the blocks' activations.)
         blocks: the modules the budget plans over (default: the model's largest nn.ModuleList
             of same-type modules, e.g. a Hugging Face model's layers).
+        measure_memory: measure every step's whole-step peak (engine.memory_report() shows the
+            last one next to the prediction, which is then made at the first step even without a
+            budget). On CUDA it reads and resets the allocator's peak statistics and synchronises
+            before and after the step; on CPU it runs the step under the PyTorch profiler (slow).
         param_groups: optional per-group options, as torch.optim takes them, over the model's
             parameters (see MasterOptimizer); not with an optimizer instance, which has its own.
     """
@@ -87,12 +108,17 @@ class Engine:
         budget=None,
         blocks=None,
         param_groups=None,
+        measure_memory=False,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"Engine: micro_batch_size must be at least 1, got {micro_batch_size}")
         self.budget = parse_bytes(budget) if isinstance(budget, str) else budget
         self.blocks = blocks
         self.segment_handle = None
+        self.measure_memory = measure_memory
+        self.memory_plan = None  # a step_memory.StepMemoryPlan, made at the first step
+        self._measured_peak = None  # (step number, bytes) of the last measured step
+        self._steps = 0
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.max_norm = max_norm
@@ -155,15 +181,64 @@ class Engine:
         if loss_fn is None:
             loss_fn = causal_lm_loss
         micro_batches = split_batch(batch, self.micro_batch_size)
+        self._steps += 1
+        if not self.measure_memory:
+            return self._step(batch, micro_batches, loss_fn)
+        resident = resident_tensors(self.model, self.buffer, self.optimizer, batch)
+        stats, peak = measure_step_peak(
+            lambda: self._step(batch, micro_batches, loss_fn), self.buffer.data.device, resident
+        )
+        self._measured_peak = (self._steps, peak)
+        return stats
+
+    def _plan_memory(self, batch, micro_batches, loss_fn):
+        """The first step's whole-step memory plan (see `budget`), before its first micro-batch."""
+        blocks = self.blocks if self.blocks is not None else repeated_blocks(self.model)
+        self.memory_plan = plan_step_memory(
+            self.model,
+            self.buffer,
+            self.optimizer,
+            blocks,
+            self.budget,
+            sample=lambda: loss_fn(self.model, micro_batches[0]),
+            batch=batch,
+        )
+        self.segment_handle = self.memory_plan.handle
+        if self.budget is not None and not self.memory_plan.recomputes:
+            peak = self.memory_plan.no_recompute_peak
+            warnings.warn(
+                f"Engine: the budget of {self.budget:,} bytes ({human_bytes(self.budget)}) is at or above the "
+                f"predicted whole-step peak without recomputation, {peak:,} bytes ({human_bytes(peak)}): nothing "
+                "is recomputed",
+                stacklevel=4,
+            )
+
+    def memory_report(self, batch=None, loss_fn=None):
+        """The whole-step memory breakdown (a step_memory.MemoryReport; print it for a table):
+        parameters, gradient buffer, masters, optimizer state, batch, non-repeated and block
+        activations under the plan, optimizer step temporaries, the predicted peak, the budget, the
+        plan, and the measured peak of the last step when measure_memory is on. The prediction is
+        made at the first step when there is a budget or measure_memory; otherwise pass a `batch`
+        (and loss_fn) to predict it now (no recomputation): that runs one micro-batch's forward
+        and backward, and is refused while a step's gradients are being accumulated elsewhere."""
+        if self.memory_plan is None:
+            if batch is None:
+                raise ValueError(
+                    "Engine.memory_report: no prediction yet (it is made at the first step when the Engine has a "
+                    "budget or measure_memory=True); pass a batch: engine.memory_report(batch, loss_fn)"
+                )
+            micro_batches = split_batch(batch, self.micro_batch_size)
+            self._plan_memory(batch, micro_batches, loss_fn if loss_fn is not None else causal_lm_loss)
+        step, peak = self._measured_peak if self._measured_peak is not None else (None, None)
+        return MemoryReport.from_plan(self.memory_plan, measured_peak=peak, measured_step=step)
+
+    def _step(self, batch, micro_batches, loss_fn):
+        if (self.budget is not None or self.measure_memory) and self.memory_plan is None:
+            self._plan_memory(batch, micro_batches, loss_fn)
         device = self.buffer.data.device
         self.optimizer.zero_grad()
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
         tokens_total = torch.zeros((), dtype=torch.float64, device=device)
-        if self.budget is not None and self.segment_handle is None:
-            blocks = self.blocks if self.blocks is not None else repeated_blocks(self.model)
-            self.segment_handle = segment(
-                blocks, budget=self.budget, sample=lambda: loss_fn(self.model, micro_batches[0])
-            )
         # Counts given as Python numbers are summed on the host and added once: making a device
         # tensor of each would be a blocking host-to-device copy per micro-batch.
         host_tokens = 0

@@ -4,6 +4,7 @@ This is the ground truth that the LiveBytes tracker and the planner's prediction
 against."""
 
 import contextlib
+import gc
 import os
 
 import torch
@@ -24,9 +25,12 @@ def _stderr_silenced():
 
 def _cpu_peak_extra_bytes(fn):
     """Peak of the bytes allocated through PyTorch's CPU allocator during the call (the profiler's
-    memory events, in time order). Buffers a library allocates itself (MKL's, oneDNN's) are not seen."""
+    memory events, in time order). Buffers a library allocates itself (MKL's, oneDNN's) are not seen.
+    Garbage is collected first: tensors of earlier work that a collection frees during the call
+    would count as negative allocations and hide part of the call's peak."""
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(

@@ -138,10 +138,17 @@ def test_segment_of_a_sequential_from_a_sample_input_changes_no_buffer_and_no_rn
 def test_engine_with_a_budget_trains_exactly_like_one_without():
     model = make_net("cpu")
     planned = copy.deepcopy(model)
-    batch = torch.randn(8, WIDTH, generator=torch.Generator().manual_seed(1))
-    budget = middle_budget(model, lambda m: m.blocks, lambda m: lambda: loss_fn(m, batch[:4]))
+    # Rows enough for the blocks' activations to outweigh the planning's own memory at the first step.
+    batch = torch.randn(512, WIDTH, generator=torch.Generator().manual_seed(1))
     sgd = functools.partial(torch.optim.SGD, lr=0.1)
-    engines = [me.Engine(model, sgd, micro_batch_size=4), me.Engine(planned, sgd, micro_batch_size=4, budget=budget)]
+    # The Engine's budget is the whole step's: between its smallest feasible and no-recompute peaks.
+    report = me.Engine(copy.deepcopy(model), sgd, micro_batch_size=256).memory_report(batch, loss_fn)
+    assert report.smallest_feasible_budget < report.no_recompute_peak, str(report)
+    budget = (report.smallest_feasible_budget + report.no_recompute_peak) // 2
+    engines = [
+        me.Engine(model, sgd, micro_batch_size=256),
+        me.Engine(planned, sgd, micro_batch_size=256, budget=budget),
+    ]
 
     results = []
     for engine in engines:
