@@ -17,6 +17,17 @@ from memengine.nn import patch, unpatch
 from memengine.segments import CheckpointError, checkpoint, segment
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # memengine.integrations imports a framework (transformers) per submodule: only when asked for.
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module("memengine.integrations")
+    raise AttributeError(f"module 'memengine' has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointError",
     "Engine",

@@ -22,7 +22,6 @@ engine.close() (or deleting the Engine) lifts that.
 """
 
 import numbers
-import warnings
 import weakref
 
 import torch
@@ -31,7 +30,6 @@ from memengine.engine.batches import split_batch
 from memengine.engine.losses import causal_lm_loss
 from memengine.engine.step_memory import (
     MemoryReport,
-    human_bytes,
     measure_step_peak,
     plan_step_memory,
     resident_tensors,
@@ -204,14 +202,6 @@ class Engine:
             batch=batch,
         )
         self.segment_handle = self.memory_plan.handle
-        if self.budget is not None and not self.memory_plan.recomputes:
-            peak = self.memory_plan.no_recompute_peak
-            warnings.warn(
-                f"Engine: the budget of {self.budget:,} bytes ({human_bytes(self.budget)}) is at or above the "
-                f"predicted whole-step peak without recomputation, {peak:,} bytes ({human_bytes(peak)}): nothing "
-                "is recomputed",
-                stacklevel=4,
-            )
 
     def memory_report(self, batch=None, loss_fn=None):
         """The whole-step memory breakdown (a step_memory.MemoryReport; print it for a table):

@@ -29,6 +29,7 @@ layers before them keep; the head phase holds what the blocks store under the pl
 
 import dataclasses
 import inspect
+import warnings
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -456,6 +457,13 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     smallest = max(min(whole(plan) for plan in candidates), planning)
     if budget is None or budget >= no_recompute_peak:
         plan = keep
+        if budget is not None:
+            warnings.warn(
+                f"memengine: the whole-step budget of {budget:,} bytes ({human_bytes(budget)}) is at or above the "
+                f"predicted peak without recomputation, {no_recompute_peak:,} bytes ({human_bytes(no_recompute_peak)}):"
+                " nothing is recomputed",
+                stacklevel=2,
+            )
     elif budget < smallest:
         raise _infeasible(budget, smallest, "every plan of the blocks")
     else:

@@ -242,3 +242,34 @@ def test_configurations_the_buffer_cannot_serve_are_refused_before_anything_chan
         prepare(twice)
     with pytest.raises(TypeError, match="transformers.Trainer"):
         prepare(model)
+
+
+def test_a_budget_plans_recomputation_instead_of_activation_checkpointing_and_changes_no_number(tmp_path):
+    """GPT-2 has dropout: the planning and the recomputation must leave the random stream alone."""
+
+    def run(name, budget=None):
+        model = make_model("gpt2", width=128)
+        args = training_args(tmp_path / name, max_steps=4, per_device_train_batch_size=8)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=make_dataset())
+        preparation = prepare(trainer, budget=budget)
+        trainer.train()
+        return preparation, logged(trainer, "loss"), list(model.parameters())
+
+    _, losses, parameters = run("plain")
+    with pytest.warns(UserWarning, match="nothing is recomputed"):
+        probe, probe_losses, _ = run("probe", budget=1 << 40)
+    report = probe.memory_report()
+    assert probe_losses == losses and report.plan == "keep 0-1", str(report)
+    assert report.smallest_feasible_budget < report.no_recompute_peak, str(report)
+    budget = report.smallest_feasible_budget
+    planned, planned_losses, planned_parameters = run("planned", budget=budget)
+    assert planned.memory_plan.recomputes and planned.memory_plan.predicted_peak <= budget, str(planned.memory_report())
+    assert planned_losses == losses
+    assert all(torch.equal(a, b) for a, b in zip(planned_parameters, parameters, strict=True))
+    with pytest.raises(ValueError, match="at least"):
+        run("too small", budget=budget - 1)
+    with pytest.raises(RuntimeError, match="choose"):
+        prepare(
+            transformers.Trainer(model=make_model("gpt2"), args=training_args(tmp_path, activation_checkpointing=True)),
+            budget="1GiB",
+        )
