@@ -3,8 +3,10 @@ memengine.segments.model (a Pareto dynamic program, in C++ when memengine._C is 
 usual baselines ("sqrt" as checkpoint_sequential, "uniform", "none", "all")."""
 
 import math
+import numbers
 
 from memengine.ops import extension
+from memengine.segments.budget import parse_bytes
 from memengine.segments.model import POLICIES, InfeasibleBudgetError, Segment, profiles_from, simulate
 
 METHODS = ("optimal", "sqrt", "uniform", "none", "all")
@@ -106,7 +108,8 @@ def _sqrt(chain):
 
 
 def solve(chain, budget_bytes=None, method="optimal", segment_blocks=None):
-    """A plan (list of Segment). "optimal" needs budget_bytes and raises InfeasibleBudgetError
+    """A plan (list of Segment). "optimal" needs budget_bytes (bytes, or a size string such as
+    "6GiB") and raises InfeasibleBudgetError
     (naming the smallest feasible budget) when nothing fits. "uniform" recomputes segments of
     `segment_blocks` blocks (default ceil(sqrt(n))); "sqrt" is checkpoint_sequential's plan;
     "none" keeps everything; "all" recomputes every block on its own."""
@@ -122,6 +125,12 @@ def solve(chain, budget_bytes=None, method="optimal", segment_blocks=None):
         return _uniform(chain, segment_blocks or math.ceil(math.sqrt(len(chain))), "recompute")
     if budget_bytes is None:
         raise ValueError('solve: method "optimal" needs budget_bytes')
+    if isinstance(budget_bytes, str):
+        budget_bytes = parse_bytes(budget_bytes)
+    if not isinstance(budget_bytes, numbers.Real):
+        kind = type(budget_bytes).__name__
+        raise TypeError(f"solve: budget_bytes must be a byte count or a size such as '6GiB', got a {kind}")
+    budget_bytes = int(budget_bytes)
     plan = _optimal(chain, budget_bytes)
     if plan is None:
         raise InfeasibleBudgetError(budget_bytes, smallest_feasible_budget(chain))

@@ -175,3 +175,15 @@ def test_plan_command_plans_a_model_on_meta(capsys):
         main(args + ["--budget", "1KiB"])
     assert exit_info.value.code == 1
     assert "smallest feasible budget is" in capsys.readouterr().out
+
+
+def test_budget_strings_are_read_as_sizes_and_other_types_refused():
+    """Engine(budget="6GiB") took strings; solve/segment crashed inside the compiled solver."""
+    chain = random_chain(random.Random(2), 6)
+    peak = me_plan.simulate(chain, me_plan.solve(chain, method="none"))["peak_bytes"]
+    assert me_plan.solve(chain, f"{peak}B") == me_plan.solve(chain, peak)
+    assert me_plan.solve(chain, "1TiB") == [Segment(0, 6, "keep")]
+    with pytest.raises(TypeError, match="budget_bytes must be a byte count"):
+        me_plan.solve(chain, [peak])
+    with pytest.raises(ValueError, match="cannot read"):
+        me_plan.solve(chain, "lots")
