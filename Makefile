@@ -5,6 +5,7 @@
 #
 #   make test    C++ tests (ctest) and the Python test suite
 #   make bench   the kernel benchmarks (tables + CSVs in benchmarks/results/)
+#   make demo    memengine against plain PyTorch on this machine: a table, and results + plots in memengine-demo/
 #
 # Variables: VENV (default .venv), PYTHON (interpreter that creates it), TORCH_SPEC (what pip
 # installs as torch; default the CUDA 13 build 2.14.1, e.g. TORCH_SPEC=torch==2.13.0 for a
@@ -16,7 +17,7 @@ TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 CMAKE_BUILD_DIR ?= cmake-build$(subst .venv,,$(VENV))
 
-.PHONY: test bench build venv cpp-test py-test hf-latest-test clean FORCE
+.PHONY: test bench demo build venv cpp-test py-test hf-latest-test clean FORCE
 
 # `make` recompiles the extension only when something it is built from changed since the last build
 # into $(VENV): a file of BUILD_INPUTS (newer than the stamp), a build knob, or memengine/_C*.so itself,
@@ -37,7 +38,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=64" wheel ninja cmake numpy pytest expecttest transformers==5.23.0 accelerate==1.15.0
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=64" wheel ninja cmake numpy pytest expecttest transformers==5.23.0 accelerate==1.15.0 matplotlib
 	touch $@
 
 build: $(BUILD_STAMP)
@@ -82,6 +83,11 @@ bench: build
 	$(PY) benchmarks/bench_step_budget.py
 	$(PY) benchmarks/bench_plan.py
 	$(PY) benchmarks/bench_bytes_per_parameter.py
+
+# The demo's extras (torch-memengine[demo]): plots and a progress bar; without them it still prints the table.
+demo: build
+	$(PY) -m pip install --quiet matplotlib tqdm
+	$(PY) -m memengine demo
 
 clean:
 	rm -rf build cmake-build* memengine/_C*.so *.egg-info $(BUILD_STAMP)

@@ -200,7 +200,11 @@ setup(
     packages=find_packages(include=["memengine", "memengine.*"]),
     python_requires=">=3.10",
     install_requires=[torch_requirement(torch)],
-    extras_require={"triton": ["triton"], "test": ["pytest", "numpy", "expecttest"]},
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "numpy", "expecttest"],
+        "demo": ["matplotlib", "tqdm"],  # python -m memengine demo: plots and a progress bar
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_class()},
     zip_safe=False,
