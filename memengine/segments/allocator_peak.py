@@ -23,24 +23,31 @@ def _stderr_silenced():
             os.close(saved)
 
 
-def _cpu_peak_extra_bytes(fn):
-    """Peak of the bytes allocated through PyTorch's CPU allocator during the call (the profiler's
-    memory events, in time order). Buffers a library allocates itself (MKL's, oneDNN's) are not seen.
-    Garbage is collected first: tensors of earlier work that a collection frees during the call
-    would count as negative allocations and hide part of the call's peak."""
+def cpu_allocation_timeline(fn):
+    """Runs fn() under the profiler and returns (timeline, ops): timeline lists (time in ns, bytes
+    allocated through PyTorch's CPU allocator since the call began) after each allocation or free,
+    in time order; ops are the profiler's other events (op names and spans). Buffers a library
+    allocates itself (MKL's, oneDNN's) are not seen. Garbage is collected first: tensors of earlier
+    work that a collection frees during the call would count as negative allocations and hide part
+    of the call's peak."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
+    events = prof.profiler.kineto_results.events()
+    timeline, live = [], 0
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
         live += event.nbytes()  # negative for a free
-        peak = max(peak, live)
-    return peak
+        timeline.append((event.start_ns(), live))
+    return timeline, [e for e in events if e.name() != "[memory]"]
+
+
+def _cpu_peak_extra_bytes(fn):
+    """Peak of the bytes allocated through PyTorch's CPU allocator during the call (see
+    cpu_allocation_timeline)."""
+    timeline, _ = cpu_allocation_timeline(fn)
+    return max((live for _, live in timeline), default=0)
 
 
 def peak_extra_bytes(fn, device):

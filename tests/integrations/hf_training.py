@@ -2,6 +2,8 @@
 dataset with a different number of real tokens per row, and the usual fp32-master-weights
 recipe without memengine, which both integrations are compared against."""
 
+import math
+
 import torch
 import transformers
 
@@ -55,6 +57,13 @@ def accumulate_gradients_in_fp32(model):
     for p in model.parameters():
         p.grad_dtype = torch.float32
     return model
+
+
+def buffer_norm(buffer):
+    """The L2 norm of the gradients in a GradBuffer, computed in fp64 over the parameters that
+    received one in the current window: what clipping should see."""
+    received = [p.main_grad.double() for p in buffer.params if buffer.received_gradient(p)]
+    return math.sqrt(sum(float(g.square().sum()) for g in received))
 
 
 class Fp32MasterAdamW(torch.optim.AdamW):

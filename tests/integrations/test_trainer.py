@@ -5,17 +5,21 @@ plain autograd's closest match to the buffer), peak memory (against the recipe a
 with bf16 gradients), checkpoint resume, activation checkpointing, and the configurations
 prepare() refuses."""
 
-import gc
-import math
-
 import pytest
 import torch
 import transformers
-from hf_training import MODEL_KINDS, Fp32MasterAdamW, accumulate_gradients_in_fp32, make_dataset, make_model
-from torch.profiler import ProfilerActivity, profile
+from hf_training import (
+    MODEL_KINDS,
+    Fp32MasterAdamW,
+    accumulate_gradients_in_fp32,
+    buffer_norm,
+    make_dataset,
+    make_model,
+)
 
 import memengine as me
 from memengine.integrations.transformers import prepare
+from memengine.segments.allocator_peak import cpu_allocation_timeline
 
 STEPS = 20
 
@@ -73,8 +77,7 @@ def spy_buffer_norms(trainer, buffer):
     clip = trainer.accelerator.clip_grad_norm_
 
     def recording_clip(parameters, max_norm, *args, **kwargs):
-        received = [p.main_grad.double() for p in buffer.params if buffer.received_gradient(p)]
-        norms.append(math.sqrt(sum(float(g.square().sum()) for g in received)))
+        norms.append(buffer_norm(buffer))
         return clip(parameters, max_norm, *args, **kwargs)
 
     trainer.accelerator.clip_grad_norm_ = recording_clip
@@ -97,8 +100,8 @@ def test_trainer_tracks_the_fp32_master_recipe_and_logs_the_buffer_norm(kind, tm
     assert losses[-1] < losses[0] - 0.5, f"no training happened: {losses}"
     grad_norms = logged(trainer, "grad_norm")
     assert len(norms) == len(grad_norms) == STEPS
-    for step, (norm, buffer_norm) in enumerate(zip(grad_norms, norms, strict=True)):
-        assert abs(norm - buffer_norm) <= 1e-5 * buffer_norm, f"step {step + 1}: logged {norm}, buffer {buffer_norm}"
+    for step, (norm, in_buffer) in enumerate(zip(grad_norms, norms, strict=True)):
+        assert abs(norm - in_buffer) <= 1e-5 * in_buffer, f"step {step + 1}: logged {norm}, buffer {in_buffer}"
     assert max(norms) > 1.0, "max_grad_norm=1.0 never clipped: the test would not see clipping errors"
 
 
@@ -130,20 +133,12 @@ def test_a_checkpoint_without_master_weights_is_refused_on_resume(tmp_path):
 
 def allocator_peaks(fn):
     """(peak of the whole call, peak while an optimizer step runs) of the bytes allocated through
-    the CPU allocator during fn(), from the profiler's memory events in time order."""
-    gc.collect()  # garbage of earlier runs freed during fn() would count as negative allocations
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
-        fn()
-    events = recorded.profiler.kineto_results.events()
-    steps = [(e.start_ns(), e.end_ns()) for e in events if e.name().startswith("Optimizer.step#")]
+    the CPU allocator during fn()."""
+    timeline, ops = cpu_allocation_timeline(fn)
+    steps = [(e.start_ns(), e.end_ns()) for e in ops if e.name().startswith("Optimizer.step#")]
     assert steps, "no optimizer step was recorded"
-    live = peak = step_peak = 0
-    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-        live += event.nbytes()  # negative for a free
-        peak = max(peak, live)
-        if any(start <= event.start_ns() <= end for start, end in steps):
-            step_peak = max(step_peak, live)
-    return peak, step_peak
+    in_steps = [live for time, live in timeline if any(start <= time <= end for start, end in steps)]
+    return max(live for _, live in timeline), max(in_steps)
 
 
 def test_peak_memory_is_below_the_usual_recipe_by_at_least_one_bf16_gradient_set(tmp_path):
