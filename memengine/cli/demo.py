@@ -16,13 +16,19 @@ import torch
 from memengine.studies import demo
 
 MIB = 2**20
+
+
+def _in_mib(count):
+    return f"{count / MIB:.2f}"
+
+
 # The table's numeric columns: (header, field of results.csv, format). The CSV carries each exactly.
 COLUMNS = [
-    ("peak MiB", "peak_bytes", lambda v: f"{v / MIB:.2f}"),
-    ("params", "parameter_bytes", lambda v: f"{v / MIB:.2f}"),
-    ("grads", "gradient_bytes", lambda v: f"{v / MIB:.2f}"),
-    ("optim", "optimizer_bytes", lambda v: f"{v / MIB:.2f}"),
-    ("other", "other_bytes", lambda v: f"{v / MIB:.2f}"),
+    ("peak MiB", "peak_bytes", _in_mib),
+    ("params", "parameter_bytes", _in_mib),
+    ("grads", "gradient_bytes", _in_mib),
+    ("optim", "optimizer_bytes", _in_mib),
+    ("other", "other_bytes", _in_mib),
     ("step s", "step_time_s", lambda v: f"{v:.3f}"),
     ("x row1", "step_time_ratio", lambda v: f"{v:.2f}"),
     ("tok/s", "tokens_per_s", lambda v: f"{v:.0f}"),
@@ -208,7 +214,7 @@ def render(results):
 
 
 def _mib(count):
-    return f"{count / MIB:.2f} MiB"
+    return f"{_in_mib(count)} MiB"
 
 
 def csv_row(number, method):

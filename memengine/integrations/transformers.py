@@ -51,6 +51,7 @@ class Preparation:
         self.optimizer = None
         self.memory_plan = None
         self._planning = False  # the planner's sample calls the model again: the hook must not plan twice
+        self.planning_hook = None  # removed once the plan is made: later forwards pay nothing
 
     def memory_report(self):
         """The whole-step memory breakdown and prediction (memengine.engine.step_memory.MemoryReport)."""
@@ -62,7 +63,7 @@ class Preparation:
 
     def plan_at_first_training_forward(self, model, args, kwargs):
         """Forward pre-hook on the model: plans the step's memory with this very micro-batch."""
-        if self._planning or self.memory_plan is not None or not (model.training and torch.is_grad_enabled()):
+        if self._planning or not (model.training and torch.is_grad_enabled()):
             return
         if self.optimizer is None:
             raise RuntimeError(
@@ -86,6 +87,7 @@ class Preparation:
             )
         finally:
             self._planning = False
+        self.planning_hook.remove()
 
 
 def prepare(trainer, *, budget=None, blocks=None):
@@ -127,7 +129,9 @@ def prepare(trainer, *, budget=None, blocks=None):
     # builds the scheduler over self.optimizer, which is by then the MasterOptimizer.
     trainer.create_optimizer = create_optimizer
     if preparation.budget is not None:
-        trainer.model.register_forward_pre_hook(preparation.plan_at_first_training_forward, with_kwargs=True)
+        preparation.planning_hook = trainer.model.register_forward_pre_hook(
+            preparation.plan_at_first_training_forward, with_kwargs=True
+        )
     return preparation
 
 
