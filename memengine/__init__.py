@@ -6,11 +6,12 @@ memengine.MasterOptimizer; training steps: memengine.Engine; recomputation: meme
 memengine.segment and memengine.plan.
 
 The package is layered (each layer imports only the ones below it):
-cli > studies > engine > segments > nn > grad > autograd > ops > triton; models (fixtures) stand apart.
+cli > studies > integrations > engine > distributed > plan > segments > nn > grad > autograd > ops > triton;
+models (fixtures) stand apart. Data parallelism: memengine.Engine(..., process_group=...), memengine.distributed.
 """
 
 from memengine import ops  # noqa: I001  (first: defines the op schemas and loads the kernels)
-from memengine import grad, nn, plan, segments
+from memengine import distributed, grad, nn, plan, segments
 from memengine.engine import Engine, causal_lm_loss
 from memengine.grad import GradBuffer, MasterOptimizer
 from memengine.nn import patch, unpatch
@@ -33,6 +34,7 @@ __all__ = [
     "Engine",
     "GradBuffer",
     "MasterOptimizer",
+    "distributed",
     "grad",
     "nn",
     "ops",

@@ -22,10 +22,13 @@ engine.close() (or deleting the Engine) lifts that.
 """
 
 import numbers
+import warnings
 import weakref
 
 import torch
 
+from memengine.distributed import DEFAULT_BUCKET_BYTES
+from memengine.distributed.data_parallel import DataParallel
 from memengine.engine.batches import split_batch
 from memengine.engine.losses import causal_lm_loss
 from memengine.engine.step_memory import (
@@ -92,6 +95,21 @@ class Engine:
             before and after the step; on CPU it runs the step under the PyTorch profiler (slow).
         param_groups: optional per-group options, as torch.optim takes them, over the model's
             parameters (see MasterOptimizer); not with an optimizer instance, which has its own.
+        process_group: data parallelism over this torch.distributed process group (e.g.
+            torch.distributed.group.WORLD under torchrun); None: this process trains alone. Each
+            rank steps on its own batch; the step's gradient is the mean over every token of every
+            rank. Rank 0's parameters and buffers are broadcast when the Engine is built. The
+            gradient buffer is reduced in buckets (fp32 SUM) launched during the last micro-batch's
+            backward as they complete (micro-batches before it communicate nothing); see
+            memengine.distributed.
+        shard: ZeRO-1: each rank keeps fp32 masters and optimizer state for its shard of every
+            bucket only (reduce-scatter, then an all-gather of the updated parameters). Default:
+            True with a process_group. Needs an elementwise optimizer (SGD, Adam, AdamW, ...).
+        bucket_bytes: gradient bytes per bucket (default memengine.distributed.DEFAULT_BUCKET_BYTES,
+            32 MiB); smaller buckets start communicating earlier in the backward.
+        overlap: launch each bucket during the backward as soon as it is complete (the contribution
+            count per parameter is learned on the first step and checked after); False: reduce only
+            after the backward (for models whose graph changes from step to step).
     """
 
     def __init__(
@@ -107,6 +125,10 @@ class Engine:
         blocks=None,
         param_groups=None,
         measure_memory=False,
+        process_group=None,
+        shard=None,
+        bucket_bytes=None,
+        overlap=True,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"Engine: micro_batch_size must be at least 1, got {micro_batch_size}")
@@ -120,9 +142,26 @@ class Engine:
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.max_norm = max_norm
-        self.buffer = patch(model)
+        self.data_parallel = None
+        if process_group is None:
+            if shard:
+                raise ValueError("Engine: shard=True (ZeRO-1) needs a process_group to shard over")
+            _warn_if_distributed_without_group()
+            self.buffer = patch(model)
+        else:
+            world = torch.distributed.get_world_size(process_group)
+            bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+            self.buffer = patch(model, bucket_bytes=bucket_bytes, bucket_multiple=world)
+            shard = True if shard is None else shard
+            self.data_parallel = DataParallel(self.buffer, process_group, shard=shard, overlap=overlap)
+            self.data_parallel.broadcast_model(model)
         self.buffer.check_coverage()  # a model patched earlier may have gained trainable parameters since
-        self.optimizer = MasterOptimizer(optimizer, self.buffer, param_groups=param_groups)
+        if self.data_parallel is not None and shard:
+            self.optimizer = MasterOptimizer(
+                optimizer, self.buffer, param_groups=param_groups, shard=True, process_group=process_group
+            )
+        else:
+            self.optimizer = MasterOptimizer(optimizer, self.buffer, param_groups=param_groups)
         has_fp16 = any(p.dtype == torch.float16 for p in self.buffer.params)
         self.dynamic_loss_scale = loss_scale == "auto" and has_fp16
         if loss_scale == "auto":
@@ -232,20 +271,37 @@ class Engine:
         # Counts given as Python numbers are summed on the host and added once: making a device
         # tensor of each would be a blocking host-to-device copy per micro-batch.
         host_tokens = 0
-        for micro_batch in micro_batches:
-            loss_sum, num_tokens = _checked_loss_result(loss_fn(self.model, micro_batch))
-            (loss_sum * self.loss_scale if self.loss_scale != 1.0 else loss_sum).backward()
-            loss_total += loss_sum.detach().reshape(()).to(torch.float64)
-            if isinstance(num_tokens, torch.Tensor):
-                tokens_total += num_tokens.detach().reshape(()).to(device=device, dtype=torch.float64)
-            else:
-                host_tokens += num_tokens  # Python ints stay exact
+        data_parallel = self.data_parallel
+        try:
+            for index, micro_batch in enumerate(micro_batches):
+                loss_sum, num_tokens = _checked_loss_result(loss_fn(self.model, micro_batch))
+                loss_total += loss_sum.detach().reshape(()).to(torch.float64)
+                if isinstance(num_tokens, torch.Tensor):
+                    tokens_total += num_tokens.detach().reshape(()).to(device=device, dtype=torch.float64)
+                else:
+                    host_tokens += num_tokens  # Python ints stay exact
+                if data_parallel is not None and index == len(micro_batches) - 1:
+                    tokens_total += float(host_tokens)
+                    host_tokens = 0
+                    data_parallel.last_backward(loss_total, tokens_total)  # starts the global token count
+                (loss_sum * self.loss_scale if self.loss_scale != 1.0 else loss_sum).backward()
+            if data_parallel is not None:
+                loss_total, tokens_total = data_parallel.finish()
+        except BaseException:
+            if data_parallel is not None:
+                data_parallel.abandon()
+            raise
         tokens_total += float(host_tokens)  # a scalar kernel argument, not a copy
-        self.buffer.finish_window()
         scale = (1.0 / (tokens_total * self.loss_scale)).to(torch.float32)
-        stats = self.buffer.stats(scale)  # buffer /= tokens * loss scale; [norm, non-finite]
-        if self.max_norm is not None:
-            self.buffer.clip_(stats, self.max_norm)
+        if data_parallel is None:
+            self.buffer.finish_window()
+            stats = self.buffer.stats(scale)  # buffer /= tokens * loss scale; [norm, non-finite]
+            if self.max_norm is not None:
+                self.buffer.clip_(stats, self.max_norm)
+        else:
+            stats = data_parallel.stats(scale)  # the same, over the reduced gradient of all ranks
+            if self.max_norm is not None:
+                data_parallel.clip_(stats, self.max_norm)
         # The one host synchronisation of the step.
         skipped, no_tokens = torch.stack([stats[1] > 0, tokens_total <= 0]).tolist()
         if no_tokens:
@@ -273,21 +329,47 @@ class Engine:
 
     def state_dict(self):
         """Everything a step depends on: the model's parameters and buffers, the optimizer (with
-        the fp32 masters) and the loss-scaling state. Loading it into an Engine built the same way
-        continues bit-identically."""
+        the fp32 masters), the loss-scaling state and the step count. Loading it into an Engine
+        built the same way continues bit-identically. With shard=True the optimizer part is this
+        rank's shard (save one file per rank; it loads on the same rank of the same world size);
+        consolidated_state_dict() gives one that any world size loads."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss_scale": self.loss_scale,
             "good_steps": self._good_steps,
+            "steps": self._steps,
         }
 
+    def consolidated_state_dict(self):
+        """state_dict() with the optimizer state and masters of every rank gathered, as a single-process
+        Engine has them: loadable by an Engine on any number of ranks, sharded or not, or by a
+        single-process Engine. With shard=True it is a collective: every rank calls it (each gets
+        the whole dict; save it from rank 0)."""
+        state = self.state_dict()
+        if hasattr(self.optimizer, "consolidated_state_dict"):
+            state["optimizer"] = self.optimizer.consolidated_state_dict()
+        return state
+
     def load_state_dict(self, state_dict):
+        """Loads state_dict() or consolidated_state_dict() (with shard=True a collective: every rank calls it)."""
         self.model.load_state_dict(state_dict["model"])
         # After the model: the masters then overwrite the low-precision parameters they round to.
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.loss_scale = state_dict["loss_scale"]
         self._good_steps = state_dict["good_steps"]
+        self._steps = state_dict.get("steps", self._steps)
+
+
+def _warn_if_distributed_without_group():
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+        warnings.warn(
+            f"memengine.Engine: torch.distributed is initialised with {distributed.get_world_size()} ranks but the "
+            "Engine has no process_group, so each rank trains its own copy of the model on its own data. For data "
+            "parallelism pass process_group=torch.distributed.group.WORLD",
+            stacklevel=3,
+        )
 
 
 class _LiveEngines:

@@ -47,11 +47,60 @@ from memengine.grad.hooks import (
 
 ALIGNMENT = 64  # elements: each slice starts on a 256-byte boundary for fp32
 
+
+class Bucket:
+    """A contiguous range [start, end) of GradBuffer.data holding whole parameters (in buffer order),
+    reduced as one collective by data parallelism. end - start is a multiple of the buffer's
+    bucket_multiple (padding after the last parameter, zero and never written)."""
+
+    def __init__(self, index, start, end, params):
+        self.index, self.start, self.end, self.params = index, start, end, params
+
+    @property
+    def numel(self):
+        return self.end - self.start
+
+    def __repr__(self):
+        return f"Bucket({self.index}, [{self.start}, {self.end}), {len(self.params)} parameters)"
+
+
+def layout(params, bucket_numel=None, bucket_multiple=1):
+    """(offsets, total, buckets) of a buffer holding `params` in this order: each parameter starts on an
+    ALIGNMENT-element boundary. With bucket_numel, parameters are grouped into consecutive buckets of
+    about that many elements (a bucket closes once it holds bucket_numel or more; a parameter is never
+    split), each padded to a multiple of ALIGNMENT * bucket_multiple elements so that it splits evenly
+    into bucket_multiple aligned shards. Without, one bucket holds everything, unpadded."""
+    offsets, buckets, total, start, members = [], [], 0, 0, []
+    pad = ALIGNMENT * bucket_multiple
+    for p in params:
+        total = -(-total // ALIGNMENT) * ALIGNMENT
+        offsets.append(total)
+        total += p.numel()
+        members.append(p)
+        if bucket_numel is not None and total - start >= bucket_numel:
+            end = start + -(-(total - start) // pad) * pad
+            buckets.append(Bucket(len(buckets), start, end, members))
+            start = total = end
+            members = []
+    if members or not buckets:
+        end = total if bucket_numel is None else start + -(-(total - start) // pad) * pad
+        buckets.append(Bucket(len(buckets), start, end, members))
+        total = end
+    return offsets, total, buckets
+
+
 register_optimizer_step_pre_hook(refuse_low_precision_step)  # once: a module is imported once per process
 
 
 class GradBuffer:
-    def __init__(self, module_or_params, dtype=torch.float32):
+    def __init__(self, module_or_params, dtype=torch.float32, bucket_bytes=None, bucket_multiple=1):
+        """bucket_bytes: group the parameters into buckets of about this many bytes of gradient, for
+        data parallelism (memengine.distributed); bucket_multiple: pad each bucket so that it splits
+        into this many equal shards (the data-parallel world size). Default: one unpadded bucket."""
+        if bucket_bytes is not None and bucket_bytes < 1:
+            raise ValueError(f"GradBuffer: bucket_bytes must be positive, got {bucket_bytes}")
+        if bucket_multiple < 1:
+            raise ValueError(f"GradBuffer: bucket_multiple must be at least 1, got {bucket_multiple}")
         if dtype != torch.float32:
             raise ValueError(f"GradBuffer: dtype must be torch.float32 (the kernels accumulate into fp32), got {dtype}")
         module = module_or_params if isinstance(module_or_params, torch.nn.Module) else None
@@ -80,12 +129,9 @@ class GradBuffer:
                 )
         # Reverse registration order: the order in which backward produces the gradients.
         self.params = params[::-1]
-        self.offsets = []
-        total = 0
-        for p in self.params:
-            total = -(-total // ALIGNMENT) * ALIGNMENT
-            self.offsets.append(total)
-            total += p.numel()
+        self.bucket_bytes, self.bucket_multiple = bucket_bytes, bucket_multiple
+        bucket_numel = None if bucket_bytes is None else max(1, bucket_bytes // dtype.itemsize)
+        self.offsets, total, self.buckets = layout(self.params, bucket_numel, bucket_multiple)
         self.data = torch.zeros(total, dtype=dtype, device=devices.pop())
         self._module = weakref.ref(module) if module is not None else None
         self._covered = {id(p) for p in self.params}
@@ -98,6 +144,7 @@ class GradBuffer:
         # backward passes (reentrant checkpoints) each queue their own.
         self._touched = {}
         self._ready_hooks = []
+        self._contribution_hooks = []
         self._hook_handles = []
         self_ref = weakref.ref(self)
         if module is not None:
@@ -152,10 +199,10 @@ class GradBuffer:
             self._grad_is_view.discard(id(p))
             self._coverage_checked = False  # and a new optimizer step: check coverage again
 
-    def finish_window(self):
-        """Zeroes the slices of parameters that received no gradient in the current window, so that
-        the whole buffer holds this window's gradients. Returns those parameters."""
-        empty = [p for p in self.params if not self.received_gradient(p)]
+    def finish_window(self, params=None):
+        """Zeroes the slices of parameters (of `params`, default all) that received no gradient in the
+        current window, so that the buffer holds this window's gradients. Returns those parameters."""
+        empty = [p for p in (self.params if params is None else params) if not self.received_gradient(p)]
         for p in empty:
             p.main_grad.zero_()
         return empty
@@ -164,6 +211,13 @@ class GradBuffer:
         """True if p has had a contribution in the current window."""
         self._open_window_if_grad_cleared(p)
         return not self._first[id(p)]
+
+    def mark_received(self, p):
+        """Records that p's slice holds a gradient of this window although no contribution landed here
+        (data parallelism: another rank's, brought in by the reduction); .grad becomes the view."""
+        self._first[id(p)] = False
+        p.grad = p.main_grad
+        self._grad_is_view.add(id(p))
 
     # -- statistics and clipping on the whole buffer ------------------------------------------
     def stats(self, scale=1.0):
@@ -221,6 +275,19 @@ class GradBuffer:
         self._ready_hooks.append(fn)
         return _HookHandle(self._ready_hooks, fn)
 
+    def register_contribution_hook(self, fn):
+        """fn(param) runs during backward each time a contribution to param's gradient has landed in
+        main_grad (a fused layer's weight or bias gradient, or a gradient autograd produced and the
+        post-accumulate hook folded in): the readiness signal of data parallelism. Returns a handle
+        with .remove()."""
+        self._contribution_hooks.append(fn)
+        return _HookHandle(self._contribution_hooks, fn)
+
+    def contributed(self, p):
+        """Called right after a contribution to p landed in main_grad; runs the contribution hooks."""
+        for fn in self._contribution_hooks:
+            fn(p)
+
     def release(self):
         """Detaches the buffer: removes hooks and the main_grad attributes; low-precision parameters
         lose their fp32 .grad and get their grad_dtype back (fp32 ones keep the view as a plain .grad)."""
@@ -269,9 +336,11 @@ class GradBuffer:
     def add_weight_gradient(self, weight, grad_output, input):
         """main_grad(weight [out, in]) (+)= grad_output^T @ input, as a fused layer's backward."""
         ops.wgrad_accumulate_(weight.main_grad, grad_output, input, overwrite=self.claim(weight))
+        self.contributed(weight)
 
     def add_bias_gradient(self, bias, grad_output):
         ops.bias_grad_accumulate_(bias.main_grad, grad_output, overwrite=self.claim(bias))
+        self.contributed(bias)
 
 
 def _refuse_unsupported_modules(module):

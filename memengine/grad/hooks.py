@@ -49,9 +49,12 @@ def fold_autograd_gradient(p):
         # An fp32 parameter whose .grad is already the view: autograd added in place (claim() set
         # .grad to the view after an earlier contribution of this window), so nothing to move.
         buffer.claim(p)
+        buffer.contributed(p)
         return
     overwrite = buffer.claim(p)  # replaces .grad by the view (fp32) or None: the temporary dies with `grad`
     ops.accumulate_(p.main_grad, grad, overwrite=overwrite)
+    del grad
+    buffer.contributed(p)
 
 
 def raise_differentiable_gradient(p, module):

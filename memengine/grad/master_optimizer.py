@@ -16,6 +16,8 @@ import inspect
 
 import torch
 
+from memengine.grad.buffer import layout
+
 MASTER_WEIGHTS_KEY = "master_weights"
 # torch.optim.Optimizer's hook registries: hooks on an optimizer instance MasterOptimizer replaces would be lost.
 _OPTIMIZER_HOOK_REGISTRIES = (
@@ -47,7 +49,17 @@ class MasterOptimizer(torch.optim.Optimizer):
     are fixed by the buffer).
     """
 
-    def __init__(self, optimizer_cls, buffer, *, param_groups=None, **kwargs):
+    # Set by memengine.distributed (a layer above this one): the class MasterOptimizer(..., shard=True) builds.
+    sharded_class = None
+
+    def __new__(cls, *args, shard=False, **kwargs):
+        if shard and cls is MasterOptimizer:
+            if MasterOptimizer.sharded_class is None:
+                raise RuntimeError("MasterOptimizer(shard=True) needs memengine.distributed (import memengine)")
+            return super().__new__(MasterOptimizer.sharded_class)
+        return super().__new__(cls)
+
+    def __init__(self, optimizer_cls, buffer, *, param_groups=None, shard=False, **kwargs):
         """optimizer_cls: a torch.optim.Optimizer class or a factory taking what such a class takes
         (e.g. functools.partial(torch.optim.AdamW, lr=...)); it is called with the masters and
         **kwargs. Or an optimizer instance built over the model's parameters and not yet stepped:
@@ -55,7 +67,11 @@ class MasterOptimizer(torch.optim.Optimizer):
         replaced by its master) and its defaults; the instance itself is left unused.
         param_groups: optional list of dicts as torch.optim takes them, holding the model's
         parameters (or (name, parameter) pairs) with per-group options; together they must cover
-        every parameter of `buffer` exactly once."""
+        every parameter of `buffer` exactly once.
+        shard: ZeRO-1 over a process group (memengine.distributed.ShardedMasterOptimizer, which takes
+        process_group=); this class itself is unsharded."""
+        if shard:
+            raise ValueError("MasterOptimizer: shard=True is handled by memengine.distributed.ShardedMasterOptimizer")
         self.buffer = buffer
         self.master_data = None  # allocated only when some parameter is not fp32
         if any(p.dtype != torch.float32 for p in buffer.params):
@@ -71,6 +87,10 @@ class MasterOptimizer(torch.optim.Optimizer):
                 master = torch.nn.Parameter(view)  # shares master_data's storage
             self.masters.append((p, master))
         self._low_precision = [(p, m) for p, m in self.masters if p.dtype != torch.float32]
+        self._build(optimizer_cls, param_groups, kwargs)
+
+    def _build(self, optimizer_cls, param_groups, kwargs):
+        """Builds the wrapped optimizer over self.masters and makes this object share its groups and state."""
         if isinstance(optimizer_cls, torch.optim.Optimizer):
             if param_groups is not None or kwargs:
                 raise ValueError(
@@ -103,8 +123,10 @@ class MasterOptimizer(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True  # as Optimizer.__init__ leaves it
 
     def _master_groups(self, param_groups):
-        """The user's groups of model parameters, with each parameter replaced by its master."""
+        """The user's groups of model parameters, with each parameter replaced by its master (a parameter
+        of the buffer without a master here, as in a ZeRO-1 shard that does not hold it, is left out)."""
         master_of = {id(p): m for p, m in self.masters}
+        covered = {id(p) for p in self.buffer.params}
         grouped = set()
         groups = []
         for group in param_groups:
@@ -113,7 +135,7 @@ class MasterOptimizer(torch.optim.Optimizer):
             masters = []
             for entry in params:
                 name, p = entry if isinstance(entry, tuple) else (None, entry)
-                if id(p) not in master_of:
+                if id(p) not in covered:
                     raise ValueError(
                         "MasterOptimizer: a parameter in param_groups is not covered by the GradBuffer "
                         f"(shape {tuple(p.shape)}); build the buffer over it or leave it out"
@@ -123,9 +145,10 @@ class MasterOptimizer(torch.optim.Optimizer):
                         f"MasterOptimizer: a parameter (shape {tuple(p.shape)}) is in more than one param group"
                     )
                 grouped.add(id(p))
-                masters.append(master_of[id(p)] if name is None else (name, master_of[id(p)]))
+                if id(p) in master_of:
+                    masters.append(master_of[id(p)] if name is None else (name, master_of[id(p)]))
             groups.append({**group, "params": masters})
-        missing = [tuple(p.shape) for p, _ in self.masters if id(p) not in grouped]
+        missing = [tuple(p.shape) for p in self.buffer.params if id(p) not in grouped]
         if missing:
             raise ValueError(
                 f"MasterOptimizer: {len(missing)} parameter(s) of the GradBuffer are not in any param group "
@@ -230,8 +253,24 @@ class MasterOptimizer(torch.optim.Optimizer):
         dict hooks registered here run), plus "master_weights": a copy of the fp32 masters when the
         model has low-precision parameters (None otherwise)."""
         state = super().state_dict()
-        state[MASTER_WEIGHTS_KEY] = None if self.master_data is None else self.master_data.clone()
+        state[MASTER_WEIGHTS_KEY] = None if self.master_data is None else self._to_canonical(self.master_data)
         return state
+
+    def _to_canonical(self, flat):
+        """A copy of `flat` (laid out like the buffer) in the unbucketed layout a GradBuffer over the same
+        parameters has without data parallelism, so that state dicts do not depend on the bucket layout."""
+        offsets, total, _ = layout(self.buffer.params)
+        if offsets == self.buffer.offsets and total == flat.numel():
+            return flat.clone()
+        canonical = torch.zeros(total, dtype=flat.dtype, device=flat.device)
+        for p, here, there in zip(self.buffer.params, self.buffer.offsets, offsets, strict=True):
+            canonical[there : there + p.numel()] = flat[here : here + p.numel()]
+        return canonical
+
+    def _from_canonical(self, canonical, flat):
+        offsets, _, _ = layout(self.buffer.params)
+        for p, here, there in zip(self.buffer.params, self.buffer.offsets, offsets, strict=True):
+            flat[here : here + p.numel()] = canonical[there : there + p.numel()]
 
     def load_state_dict(self, state_dict):
         """Loads a state_dict() (optimizer state, options, masters) and refreshes the model from the
@@ -244,12 +283,13 @@ class MasterOptimizer(torch.optim.Optimizer):
                 f"{'has none' if masters is None else 'holds some'}; load a state dict saved from a model "
                 "with the same parameter dtypes"
             )
-        if masters is not None and masters.shape != self.master_data.shape:
+        canonical_numel = layout(self.buffer.params)[1]
+        if masters is not None and masters.numel() != canonical_numel:
             raise ValueError(
                 f"MasterOptimizer.load_state_dict: master weights of {masters.numel()} elements do not fit "
-                f"this buffer's {self.master_data.numel()}; the state dict is from a different model"
+                f"this buffer's {canonical_numel}; the state dict is from a different model"
             )
         super().load_state_dict(state_dict)
         if masters is not None:
-            self.master_data.copy_(masters)
+            self._from_canonical(masters.to(self.master_data.device), self.master_data)
             self.refresh_model()

@@ -47,14 +47,25 @@ class _PatchRecord:
         return _PatchRecord(None)
 
 
-def patch(model):
+def patch(model, bucket_bytes=None, bucket_multiple=1):
     """Swaps nn.Linear and Hugging Face Conv1D modules of `model` for fused versions in place and
     attaches one GradBuffer covering every trainable parameter; returns it. Idempotent: a second
-    call returns the same buffer."""
+    call returns the same buffer. bucket_bytes, bucket_multiple: the buffer's bucket layout for data
+    parallelism (see GradBuffer); a model patched with another layout is refused."""
     record = getattr(model, "_memengine_grad_buffer", None)
     if record is not None and record.buffer is not None:
-        return record.buffer
-    buffer = GradBuffer(model)  # first: it refuses what it cannot serve before anything is changed
+        buffer = record.buffer
+        if (buffer.bucket_bytes, buffer.bucket_multiple) != (bucket_bytes, bucket_multiple):
+            raise ValueError(
+                f"memengine.patch: the model is already patched with buckets of bucket_bytes={buffer.bucket_bytes}, "
+                f"bucket_multiple={buffer.bucket_multiple}, not bucket_bytes={bucket_bytes}, "
+                f"bucket_multiple={bucket_multiple} (data parallelism lays the gradient buffer out in buckets split "
+                "evenly across ranks). Pass the model unpatched (memengine.unpatch(model) first), or build it with "
+                "the same settings"
+            )
+        return buffer
+    # First: the buffer refuses what it cannot serve before anything is changed.
+    buffer = GradBuffer(model, bucket_bytes=bucket_bytes, bucket_multiple=bucket_multiple)
     for module in model.modules():
         fused = _fused_class(module)
         if fused is not None:
