@@ -83,6 +83,7 @@ bench: build
 	$(PY) benchmarks/bench_step_budget.py
 	$(PY) benchmarks/bench_plan.py
 	$(PY) benchmarks/bench_bytes_per_parameter.py
+	$(PY) benchmarks/bench_data_parallel.py
 
 # The demo's extras (torch-memengine[demo]): plots and a progress bar; without them it still prints the table.
 demo: build

@@ -1,12 +1,16 @@
-"""What `python -m memengine info` reports: versions, the build, and which backend runs each op."""
+"""What `python -m memengine info` reports: versions, the build, which backend runs each op, and which
+collective paths data parallelism takes on each torch.distributed backend."""
 
+import datetime
 import json
+import os
 import platform
 
 import torch
 
 import memengine
 from memengine import ops
+from memengine.distributed import collectives
 from memengine.ops import backend as backend_selection
 from memengine.ops import extension
 
@@ -44,6 +48,43 @@ def triton_status():
     }
 
 
+def collective_paths():
+    """{"setting": MEMENGINE_COLLECTIVES, "gloo": paths or why not, "nccl": ...}: what
+    memengine.distributed.collectives.probe finds for reduce-scatter and all-gather ("native" or
+    "fallback") on a one-rank group of each backend, made in this process for the probe (an in-memory
+    HashStore) and destroyed after it. Nothing is probed while this process already has a default
+    process group: a probe is a collective, which the other ranks of that group would not join."""
+    report = {"setting": os.environ.get(collectives.ENV_VAR, "auto")}
+    for backend in ("gloo", "nccl"):
+        report[backend] = _probe_backend(backend)
+    return report
+
+
+def _probe_backend(backend):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "not probed: this torch is built without torch.distributed"
+    if dist.is_initialized():
+        return "not probed: this process already has a default process group"
+    if backend == "nccl" and not torch.cuda.is_available():
+        return "not probed: CUDA is not available"
+    if not dist.is_backend_available(backend):
+        return f"not probed: this torch has no {backend} backend"
+    try:
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+        )
+    except (RuntimeError, ValueError) as error:
+        return f"not probed: a one-rank {backend} group could not be made ({type(error).__name__}: {error})"
+    try:
+        return dict(collectives.probe(dist.group.WORLD))
+    except ValueError as error:  # a bad MEMENGINE_COLLECTIVES value
+        return f"probe failed: {error}"
+    finally:
+        dist.destroy_process_group()
+
+
 def collect():
     build = extension.build_info()
     return {
@@ -69,6 +110,7 @@ def collect():
         "backend_setting": backend_selection.requested_backend(),
         "backends": backend_selection.report(ops.OPS),
         "cpu": {"machine": platform.machine(), "threads": torch.get_num_threads(), "features": cpu_features()},
+        "collectives": collective_paths(),
     }
 
 
@@ -105,6 +147,13 @@ def render(info):
     for op, per_device in info["backends"].items():
         for device, backend in per_device.items():
             lines.append(f"  {op:<20} {device:<5} {backend}")
+    paths = info["collectives"]
+    lines += ["", f"data-parallel collectives ({collectives.ENV_VAR}={paths['setting']}; probed on a one-rank group):"]
+    for backend in ("gloo", "nccl"):
+        found = paths[backend]
+        if isinstance(found, dict):
+            found = ", ".join(f"{name} {path}" for name, path in found.items())
+        lines.append(f"  {backend:<5} {found}")
     return "\n".join(lines)
 
 

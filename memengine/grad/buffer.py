@@ -278,8 +278,10 @@ class GradBuffer:
     def register_contribution_hook(self, fn):
         """fn(param) runs during backward each time a contribution to param's gradient has landed in
         main_grad (a fused layer's weight or bias gradient, or a gradient autograd produced and the
-        post-accumulate hook folded in): the readiness signal of data parallelism. Returns a handle
-        with .remove()."""
+        post-accumulate hook folded in), and each time that hook runs for param after a fused
+        contribution (autograd runs it for the parameter the fused layer returned no gradient for).
+        The number of calls per backward is thus fixed by the graph, and the last one comes after the
+        last contribution: the readiness signal of data parallelism. Returns a handle with .remove()."""
         self._contribution_hooks.append(fn)
         return _HookHandle(self._contribution_hooks, fn)
 

@@ -90,8 +90,10 @@ def refuse_data_parallel(module, where):
         raise RuntimeError(
             f"memengine: the patched model {where} {wrapper}. memengine accumulates gradients into its own fp32 "
             f"GradBuffer, which {wrapper} neither reduces nor shards, so every rank would train on a wrong or "
-            "unsynchronised gradient. Do not wrap a patched model in DDP/FSDP/fully_shard; memengine's own data "
-            "parallelism over the buffer is not available yet, so train data-parallel with memengine.unpatch(model)"
+            "unsynchronised gradient. Do not wrap a patched model in DDP/FSDP/fully_shard; use memengine's own data "
+            "parallelism, which reduces the buffer across ranks (and shards masters and optimizer state, ZeRO-1): "
+            "memengine.Engine(model, optimizer, micro_batch_size, process_group=torch.distributed.group.WORLD) "
+            "(docs/data-parallel.md); or call memengine.unpatch(model) before wrapping it"
         )
 
 

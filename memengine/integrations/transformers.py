@@ -154,7 +154,8 @@ def _refuse_unsupported(trainer, budget):
     elif args.world_size > 1:
         why = (
             f"it runs {args.world_size} processes; Trainer's data parallelism (DDP/FSDP) reduces .grad, not "
-            "memengine's GradBuffer, and memengine's own data parallelism is not available yet"
+            "memengine's GradBuffer, and memengine's data parallelism (memengine.Engine(model, ..., "
+            "process_group=...), docs/data-parallel.md) drives its own training loop, not Trainer's"
         )
     elif getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
         why = "DeepSpeed and FSDP manage the gradients themselves, bypassing memengine's GradBuffer"

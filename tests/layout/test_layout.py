@@ -11,7 +11,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "memengine"
 # Highest first. A module may import its own layer and the layers after it in this list. ops/ and
 # triton/ are one layer: the Triton kernels are a backend of the ops and share their checks.
-LAYERS = ["cli", "studies", "integrations", "engine", "distributed", "plan", "segments", "nn", "grad", "autograd", ("ops", "triton")]
+LAYERS = [
+    "cli",
+    "studies",
+    "integrations",
+    "engine",
+    "distributed",
+    "plan",
+    "segments",
+    "nn",
+    "grad",
+    "autograd",
+    ("ops", "triton"),
+]
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in (layer if isinstance(layer, tuple) else (layer,))}
 STANDALONE = {"models"}  # fixtures: import nothing of memengine but ops-level names
 

@@ -1,9 +1,10 @@
 """A patched model wrapped in torch's data parallelism (DDP, fully_shard) is refused with a clear
 error, at patch time or at its first forward, never trained on a wrong gradient: DDP and FSDP reduce
-.grad, not memengine's GradBuffer. Two gloo ranks on 127.0.0.1, spawned by the test itself.
-FullyShardedDataParallel (FSDP1) needs an accelerator to be constructed at all, so it is not run
-here: a patched model that FSDP1 flattens fails the GradBuffer's coverage check (its parameters are
-replaced), and patching an FSDP1 module is refused by its class (memengine.grad.hooks)."""
+.grad, not memengine's GradBuffer. The error names the fix: memengine.Engine(..., process_group=).
+Two gloo ranks on 127.0.0.1, spawned by the test itself. FullyShardedDataParallel (FSDP1) needs an
+accelerator to be constructed at all, so it is not run here: a patched model that FSDP1 flattens
+fails the GradBuffer's coverage check (its parameters are replaced), and patching an FSDP1 module is
+refused by its class (memengine.grad.hooks)."""
 
 import os
 import socket
@@ -20,6 +21,7 @@ import memengine as me
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 
 REFUSED = "DDP/FSDP/fully_shard"
+FIX = "memengine.Engine(model, optimizer, micro_batch_size, process_group="  # memengine's own data parallelism
 
 
 class Model(torch.nn.Module):
@@ -132,5 +134,5 @@ def test_data_parallel_wrappers_of_a_patched_model_are_refused_on_every_rank():
         for name in CASES:
             error = collected[rank, name]
             assert error is not None, f"rank {rank}, {name}: no error (the gradient would be silently wrong)"
-            expected = "DTensor" if name == "fully_shard_submodule" else REFUSED
-            assert expected in error and "memengine" in error, f"rank {rank}, {name}: {error}"
+            expected = ["DTensor"] if name == "fully_shard_submodule" else [REFUSED, FIX]
+            assert all(text in error for text in expected) and "memengine" in error, f"rank {rank}, {name}: {error}"
