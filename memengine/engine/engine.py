@@ -29,6 +29,7 @@ import torch
 
 from memengine.distributed import DEFAULT_BUCKET_BYTES
 from memengine.distributed.data_parallel import DataParallel
+from memengine.distributed.sharded_optimizer import SHARD_KEY, ShardedMasterOptimizer
 from memengine.engine.batches import split_batch
 from memengine.engine.losses import causal_lm_loss
 from memengine.engine.step_memory import (
@@ -333,29 +334,42 @@ class Engine:
         built the same way continues bit-identically. With shard=True the optimizer part is this
         rank's shard (save one file per rank; it loads on the same rank of the same world size);
         consolidated_state_dict() gives one that any world size loads."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "loss_scale": self.loss_scale,
-            "good_steps": self._good_steps,
-            "steps": self._steps,
-        }
+        return self._state_dict_with(self.optimizer.state_dict())
 
     def consolidated_state_dict(self):
         """state_dict() with the optimizer state and masters of every rank gathered, as a single-process
         Engine has them: loadable by an Engine on any number of ranks, sharded or not, or by a
         single-process Engine. With shard=True it is a collective: every rank calls it (each gets
         the whole dict; save it from rank 0)."""
-        state = self.state_dict()
-        if hasattr(self.optimizer, "consolidated_state_dict"):
-            state["optimizer"] = self.optimizer.consolidated_state_dict()
-        return state
+        consolidated = getattr(self.optimizer, "consolidated_state_dict", self.optimizer.state_dict)
+        return self._state_dict_with(consolidated())
+
+    def _state_dict_with(self, optimizer_state):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": optimizer_state,
+            "loss_scale": self.loss_scale,
+            "good_steps": self._good_steps,
+            "steps": self._steps,
+        }
 
     def load_state_dict(self, state_dict):
-        """Loads state_dict() or consolidated_state_dict() (with shard=True a collective: every rank calls it)."""
+        """Loads state_dict() or consolidated_state_dict() (with shard=True a collective: every rank calls it).
+        A ZeRO-1 shard of another rank or world size raises ValueError before anything changes. Optimizer
+        state keyed by strings, as torch.distributed.checkpoint returns it, is taken by index."""
+        optimizer_state = state_dict["optimizer"]
+        if SHARD_KEY in optimizer_state and not isinstance(self.optimizer, ShardedMasterOptimizer):
+            saved = optimizer_state[SHARD_KEY]
+            raise ValueError(
+                f"Engine.load_state_dict: the optimizer state is the ZeRO-1 shard of rank {saved['rank']} of "
+                f"{saved['world']} (a state_dict() of an Engine with shard=True), which loads only on that rank of "
+                "that world size; this Engine is not sharded. Save consolidated_state_dict() instead (any "
+                "Engine loads it)"
+            )
+        # The optimizer first: it refuses a shard of another layout before the model changes.
+        self.optimizer.load_state_dict(optimizer_state)
         self.model.load_state_dict(state_dict["model"])
-        # After the model: the masters then overwrite the low-precision parameters they round to.
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.optimizer.refresh_model()  # the masters, not the low-precision parameters they round to, win
         self.loss_scale = state_dict["loss_scale"]
         self._good_steps = state_dict["good_steps"]
         self._steps = state_dict.get("steps", self._steps)

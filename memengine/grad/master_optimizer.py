@@ -30,6 +30,28 @@ _OPTIMIZER_HOOK_REGISTRIES = (
 )
 
 
+def with_index_keys(optimizer_state_dict):
+    """optimizer_state_dict with its "state" keyed by parameter index (int), as torch.optim and MasterOptimizer
+    save it. torch.distributed.checkpoint turns dictionary keys into strings ("0", "1", ...), and
+    torch.optim.Optimizer.load_state_dict keeps state under keys it does not know without using it: the
+    optimizer would silently restart from empty state. Keys that are not indices raise ValueError."""
+    state = optimizer_state_dict.get("state", {})
+    if all(isinstance(key, int) for key in state):
+        return optimizer_state_dict
+    indexed = {}
+    for key, value in state.items():
+        if isinstance(key, str) and key.isdigit():
+            key = int(key)
+        if not isinstance(key, int):
+            raise ValueError(
+                f"MasterOptimizer.load_state_dict: optimizer state keyed by {key!r}, not by parameter index; load "
+                "a state dict saved by MasterOptimizer / memengine.Engine (a parameter-name-keyed one, as "
+                "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict makes, does not fit)"
+            )
+        indexed[key] = value
+    return {**optimizer_state_dict, "state": indexed}
+
+
 class MasterOptimizer(torch.optim.Optimizer):
     """A torch.optim.Optimizer that steps fp32 master copies of a GradBuffer's parameters.
 
@@ -275,6 +297,7 @@ class MasterOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Loads a state_dict() (optimizer state, options, masters) and refreshes the model from the
         masters."""
+        state_dict = with_index_keys(state_dict)
         masters = state_dict.get(MASTER_WEIGHTS_KEY)
         if (masters is None) != (self.master_data is None):
             needs = "needs" if self.master_data is not None else "has no low-precision parameters and takes no"
