@@ -19,19 +19,21 @@ import torch.distributed as dist
 
 ENV_VAR = "MEMENGINE_COLLECTIVES"
 NATIVE, FALLBACK = "native", "fallback"
-_paths = {}  # process group -> {"reduce_scatter": NATIVE|FALLBACK, "all_gather": ...}
+_paths = {}  # (process group, device type) -> {"reduce_scatter": NATIVE|FALLBACK, "all_gather": ...}
 
 
-def probe(group):
-    """{"reduce_scatter": path, "all_gather": path} for `group`: a collective of each kind on a few
-    elements, once per group (cached). A collective: call it on every rank of the group."""
-    if group in _paths:
-        return _paths[group]
+def probe(group, device=None):
+    """{"reduce_scatter": path, "all_gather": path} for `group` with tensors on `device` (default: the
+    group's own device: the current CUDA device for NCCL, else the CPU): a collective of each kind on a
+    few elements, once per group and device type (cached). A collective: call it on every rank."""
+    device = _device_of(group) if device is None else torch.device(device)
+    key = (group, device.type)
+    if key in _paths:
+        return _paths[key]
     forced = os.environ.get(ENV_VAR, "auto")
     if forced not in ("auto", NATIVE, FALLBACK):
         raise ValueError(f"{ENV_VAR} must be auto, native or fallback, got {forced!r}")
     world = dist.get_world_size(group)
-    device = _device_of(group)
     paths = {}
     for name, run in (("reduce_scatter", _try_reduce_scatter), ("all_gather", _try_all_gather)):
         if forced != "auto":
@@ -42,7 +44,7 @@ def probe(group):
             paths[name] = NATIVE
         except (RuntimeError, NotImplementedError, ValueError, AttributeError):
             paths[name] = FALLBACK
-    _paths[group] = paths
+    _paths[key] = paths
     return paths
 
 

@@ -38,7 +38,7 @@ class GradReducer:
                         f"GradReducer: bucket {bucket.index} of {bucket.numel} elements does not split into "
                         f"{self.world} shards; build the GradBuffer with bucket_multiple={self.world}"
                     )
-        self.paths = collectives.probe(group)
+        self.paths = collectives.probe(group, buffer.data.device)
         self._bucket_of = {id(p): bucket for bucket in buffer.buckets for p in bucket.params}
         self._readiness = Readiness(buffer, self._parameter_ready) if overlap else None
         self._waiting = {}  # bucket index -> parameters not yet complete

@@ -71,7 +71,7 @@ class ShardedMasterOptimizer(MasterOptimizer):
                     f"MasterOptimizer(shard=True): a parameter of shape {tuple(p.shape)} is not contiguous; its "
                     "shard of elements cannot be addressed as a flat range"
                 )
-        self.paths = collectives.probe(self.group)
+        self.paths = collectives.probe(self.group, buffer.data.device)
         self.buffer = buffer
         self.shards = []  # (bucket, start, end) of this rank's shard of each bucket, in buffer coordinates
         for bucket in buffer.buckets:
@@ -81,7 +81,7 @@ class ShardedMasterOptimizer(MasterOptimizer):
         shard_numel = sum(end - start for _, start, end in self.shards)
         device = buffer.data.device
         self.master_data = torch.zeros(shard_numel, dtype=torch.float32, device=device) if low_precision else None
-        offset_of = {id(p): offset for p, offset in zip(buffer.params, buffer.offsets, strict=True)}
+        self.offset_of = offset_of = {id(p): offset for p, offset in zip(buffer.params, buffer.offsets, strict=True)}
         self.masters = []  # (model parameter, its piece's master)
         self.pieces = []  # (model parameter, master, first element, end element) within the flat parameter
         position = 0  # where the current shard starts in master_data
@@ -140,7 +140,7 @@ class ShardedMasterOptimizer(MasterOptimizer):
 
     # -- the step ------------------------------------------------------------------------------------
     def _attach_gradients(self):
-        offset_of = {id(p): offset for p, offset in zip(self.buffer.params, self.buffer.offsets, strict=True)}
+        offset_of = self.offset_of
         for p, master, first, end in self.pieces:
             received = self.buffer.received_gradient(p)
             offset = offset_of[id(p)]
@@ -158,7 +158,7 @@ class ShardedMasterOptimizer(MasterOptimizer):
         """Model parameters <- masters on every rank: each rank's pieces go into its shard of a gather buffer
         per bucket (the parameters' dtype; fp32 if a bucket mixes dtypes), one all-gather per bucket, then
         every parameter is copied out. A collective: every rank calls it."""
-        offset_of = {id(p): offset for p, offset in zip(self.buffer.params, self.buffer.offsets, strict=True)}
+        offset_of = self.offset_of
         pieces_of = {}
         for p, master, first, end in self.pieces:
             pieces_of.setdefault(id(p), []).append((master, first, end))
@@ -362,7 +362,7 @@ class ShardedMasterOptimizer(MasterOptimizer):
                 )
             shard_masters = torch.zeros_like(self.master_data)
             position = 0
-            offset_of = {id(p): offset for p, offset in zip(self.buffer.params, self.buffer.offsets, strict=True)}
+            offset_of = self.offset_of
             for bucket, start, end in self.shards:
                 for p in bucket.params:
                     offset = offset_of[id(p)]

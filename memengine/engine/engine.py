@@ -41,6 +41,7 @@ from memengine.engine.step_memory import (
 from memengine.grad import MasterOptimizer
 from memengine.nn import patch
 from memengine.segments import parse_bytes, repeated_blocks
+from memengine.segments.model import Segment
 
 LIVE_ENGINES_ATTRIBUTE = "_memengine_engines"  # read by memengine.nn.unpatch
 
@@ -138,6 +139,7 @@ class Engine:
         self.segment_handle = None
         self.measure_memory = measure_memory
         self.memory_plan = None  # a step_memory.StepMemoryPlan, made at the first step
+        self._restored_plan = None  # the plan of a loaded state dict made with the same budget
         self._measured_peak = None  # (step number, bytes) of the last measured step
         self._steps = 0
         self.model = model
@@ -240,6 +242,7 @@ class Engine:
             self.budget,
             sample=lambda: loss_fn(self.model, micro_batches[0]),
             batch=batch,
+            plan=self._restored_plan,
         )
         self.segment_handle = self.memory_plan.handle
 
@@ -351,6 +354,12 @@ class Engine:
             "loss_scale": self.loss_scale,
             "good_steps": self._good_steps,
             "steps": self._steps,
+            "plan": None
+            if self.memory_plan is None
+            else {
+                "budget": self.budget,
+                "segments": [(segment.start, segment.end, segment.policy) for segment in self.memory_plan.plan],
+            },
         }
 
     def load_state_dict(self, state_dict):
@@ -373,6 +382,19 @@ class Engine:
         self.loss_scale = state_dict["loss_scale"]
         self._good_steps = state_dict["good_steps"]
         self._steps = state_dict.get("steps", self._steps)
+        self._restore_plan(state_dict.get("plan"))
+
+    def _restore_plan(self, saved):
+        """A plan saved with the same budget is applied again at the next step (with its prediction) instead
+        of being chosen afresh from new measurements, which could pick another one; recomputation does not
+        change the numbers, only the memory, so another budget plans anew."""
+        if saved is None or saved["budget"] != self.budget or self.budget is None:
+            return
+        self._restored_plan = [Segment(*segment) for segment in saved["segments"]]
+        if self.memory_plan is not None:  # planned already in this process: plan again at the next step
+            if self.segment_handle is not None:
+                self.segment_handle.remove()
+            self.memory_plan = self.segment_handle = None
 
 
 def _warn_if_distributed_without_group():

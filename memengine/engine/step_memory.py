@@ -410,7 +410,7 @@ class MicroBatchModel:
         return peak + self.step_scalars, blocks
 
 
-def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=None):
+def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=None, plan=None):
     """Plans one training step's memory: returns a StepMemoryPlan with the plan applied to
     `blocks` (.handle; None when nothing is recomputed) and the whole-step prediction.
 
@@ -419,6 +419,9 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     whole-step bytes (module docstring) or None (no recompute, prediction only); sample: a
     zero-argument callable returning (loss_sum, num_tokens) of the step's largest micro-batch;
     batch: the step's batch (its bytes are resident through the step).
+
+    plan: a plan (memengine.plan.Segment list) to apply instead of choosing one, e.g. the one a
+    resumed run chose before (Engine.load_state_dict); the prediction is made for it.
 
     Call it before the step's first micro-batch: it runs the sample forward and backward once
     (with every block recomputed: the least memory) and reopens the buffer's accumulation window.
@@ -454,8 +457,10 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     # (which stores the least for the head phase).
     least_blocks = smallest_feasible_budget(chain)
     candidates = [solve(chain, least_blocks), [Segment(i, i + 1, "recompute") for i in range(len(blocks))]]
-    smallest = max(min(whole(plan) for plan in candidates), planning)
-    if budget is None or budget >= no_recompute_peak:
+    smallest = max(min(whole(candidate) for candidate in candidates), planning)
+    if plan is not None:
+        pass  # given: applied as it is
+    elif budget is None or budget >= no_recompute_peak:
         plan = keep
         if budget is not None:
             warnings.warn(

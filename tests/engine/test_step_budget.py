@@ -128,3 +128,33 @@ def test_memory_report_breakdown_sums_to_the_prediction(limits):
         assert report.optimizer_state == 2 * parameter_bytes + 4 * len(list(engine.model.parameters()))
         table = str(report)
         assert "predicted peak" in table and "block activations" in table and report.plan in table
+
+
+def test_the_recompute_plan_is_saved_and_restored_with_the_same_budget(limits):
+    """Engine.state_dict() holds the plan; an Engine with the same budget applies it again on resume (with
+    its prediction) rather than choosing afresh from new measurements, and training continues exactly."""
+    smallest = limits[0]
+    straight, _ = train(smallest, measure=False, steps=3)
+    first, _ = train(smallest, measure=False, steps=2)
+    saved = first.state_dict()
+    chosen = [(segment.start, segment.end, segment.policy) for segment in first.memory_plan.plan]
+    assert saved["plan"] == {"budget": smallest, "segments": chosen}
+    assert any(policy != "keep" for _, _, policy in chosen), "the smallest budget recomputes something"
+    # Another valid plan than the one chosen (the first half kept): restoring must apply it as saved.
+    blocks = len(first.model.model.layers)
+    other = [(0, blocks // 2, "keep"), (blocks // 2, blocks, "recompute")]
+    assert other != chosen
+    saved["plan"]["segments"] = other
+    resumed = me.Engine(llama(), ADAMW, micro_batch_size=4, budget=smallest)
+    resumed.load_state_dict(saved)
+    resumed.step(batches(3)[2])
+    assert [(s.start, s.end, s.policy) for s in resumed.memory_plan.plan] == other
+    for p, q in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # Another budget plans anew.
+    fresh = me.Engine(llama(), ADAMW, micro_batch_size=4, budget=limits[1] * 2)
+    fresh.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # at or above the no-recompute peak: says nothing is recomputed
+        fresh.step(batches(3)[2])
+    assert all(s.policy == "keep" for s in fresh.memory_plan.plan)
