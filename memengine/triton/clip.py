@@ -18,7 +18,10 @@ BLOCK_SIZE = 4096
 def _clip_kernel(x_ptr, stats_ptr, max_norm, n, BLOCK: tl.constexpr):
     norm = tl.load(stats_ptr)
     nonfinite = tl.load(stats_ptr + 1)
-    coefficient = tl.minimum(tl.cast(max_norm, tl.float32) / (norm + 1e-6), 1.0)
+    # div_rn: correctly rounded, as the C++/CUDA kernels and torch divide. Triton's "/" on fp32 may compile to
+    # an approximate division on NVIDIA GPUs; on an H200 this kernel's result differed from the reference's,
+    # which this is the likely cause of (not yet re-checked on a GPU).
+    coefficient = tl.minimum(tl.math.div_rn(tl.cast(max_norm, tl.float32), norm + 1e-6), 1.0)
     norm_is_finite = (norm - norm) == 0.0  # norm - norm is NaN for inf and NaN
     coefficient = tl.where((nonfinite > 0) | (~norm_is_finite), 1.0, coefficient)
     if coefficient < 1.0:

@@ -47,6 +47,16 @@ def unfused(dst, src, alpha, overwrite):
     return product if overwrite else product + dst
 
 
+def allowed_error(backend, expected, src, alpha):
+    """How far from `expected` (the exact result rounded once) a backend may land. The compiled
+    and Triton kernels round dst + alpha*src once. The reference rounds twice when alpha is a
+    tensor (float32(alpha*src), then add_), so its bound adds one rounding of the product."""
+    bound = ulp(expected)
+    if backend == "torch":
+        bound = bound + ulp(src.float() * float(alpha))
+    return bound
+
+
 def expected_rounding(backend):
     """How a backend rounds dst + alpha*src. The compiled kernels fuse it (one rounding). Triton
     fuses it on a GPU, but its CPU interpreter evaluates tl.fma as a multiply and an add."""
@@ -71,7 +81,7 @@ def test_scaled_results_are_rounded_as_specified(use_backend, backend, dtype, al
         expected = expected_rounding(backend)(dst, src, alpha, overwrite)
     me.ops.accumulate_(dst, src, alpha=alpha, overwrite=overwrite)
     if expected is None:
-        assert ((dst - oracle).abs() <= ulp(oracle) + ulp(src.float() * 0.1)).all()
+        assert ((dst - oracle).abs() <= allowed_error(backend, oracle, src, 0.1)).all()
     else:
         assert torch.equal(dst, expected)
 
@@ -300,7 +310,7 @@ def test_cuda_matches_oracle(use_backend, backend, dtype, overwrite):
         for alpha in (1.0, 0.3, torch.tensor(0.3, device="cuda")):
             expected = exact(dst, src, alpha, overwrite)
             me.ops.accumulate_(dst, src, alpha=alpha, overwrite=overwrite)
-            assert ((dst - expected).abs() <= ulp(expected)).all(), (shape, alpha)
+            assert ((dst - expected).abs() <= allowed_error(backend, expected, src, alpha)).all(), (shape, alpha)
             dst = expected.clone()
     # Misaligned pointers take the one-element path.
     dst, src = make((1001,), torch.float32, 3, "cuda")[1:], make((1001,), dtype, 4, "cuda")[1:]

@@ -181,24 +181,36 @@ def test_opcheck(op_name):
         torch.library.opcheck(op, (make(1000), torch.tensor([100.0, 0.0]), 1.0))
 
 
-@requires_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", backends_for("cuda", "grad_stats_"))
-def test_cuda_grad_stats_and_clip(use_backend, backend):
-    use_backend(backend)
-    for n in SIZES + [2**24 + 3]:
-        flat = make(n, n, "cuda") * 100
+def check_grad_stats_then_clip(device, sizes):
+    """grad_stats_ with a device scale (one inf planted in the larger buffers), then clip_ of the
+    finite buffer, on `device`: the body of the CUDA test, also run on the CPU so that it is known to work."""
+    for n in sizes:
+        flat = make(n, n, device) * 100
         if n > 20:
             flat[3] = float("inf")
         expected_flat, expected_norm, expected_count = oracle(flat.cpu(), 0.5)
-        stats = me.ops.grad_stats_(flat, torch.tensor(0.5, device="cuda"))
+        stats = me.ops.grad_stats_(flat, torch.tensor(0.5, device=device))
         torch.testing.assert_close(flat.cpu(), expected_flat, rtol=0, atol=0, equal_nan=True)
         assert abs(stats[0].cpu() - expected_norm) <= ulp(expected_norm)
         assert stats[1].item() == expected_count
         assert torch.equal(me.ops.grad_stats_(flat.clone()), me.ops.grad_stats_(flat.clone()))
-        flat[3] = 0.0
+        flat.nan_to_num_(posinf=0.0)  # undo the planted inf (small buffers have none, and no index 3)
         stats = me.ops.grad_stats_(flat)
         expected = flat.clone()
         _ops.clip_reference_(expected, stats, 1.0)
         me.ops.clip_(flat, stats, 1.0)
         assert torch.equal(flat, expected)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu", "grad_stats_"))
+def test_grad_stats_then_clip_with_device_scale(use_backend, backend):
+    use_backend(backend)
+    check_grad_stats_then_clip("cpu", SIZES)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backends_for("cuda", "grad_stats_"))
+def test_cuda_grad_stats_and_clip(use_backend, backend):
+    use_backend(backend)
+    check_grad_stats_then_clip("cuda", SIZES + [2**24 + 3])
