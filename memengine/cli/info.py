@@ -77,11 +77,13 @@ def _probe_backend(backend):
         )
     except (RuntimeError, ValueError) as error:
         return f"not probed: a one-rank {backend} group could not be made ({type(error).__name__}: {error})"
+    group = dist.group.WORLD
     try:
-        return dict(collectives.probe(dist.group.WORLD))
+        return dict(collectives.probe(group))
     except ValueError as error:  # a bad MEMENGINE_COLLECTIVES value
         return f"probe failed: {error}"
     finally:
+        collectives.forget(group)
         dist.destroy_process_group()
 
 

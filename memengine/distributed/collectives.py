@@ -13,13 +13,16 @@ list of shard-sized tensors and a copy back.
 """
 
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
 
 ENV_VAR = "MEMENGINE_COLLECTIVES"
 NATIVE, FALLBACK = "native", "fallback"
-_paths = {}  # (process group, device type) -> {"reduce_scatter": NATIVE|FALLBACK, "all_gather": ...}
+# process group (held weakly: the cache must not keep a destroyed group alive) -> device type ->
+# {"reduce_scatter": NATIVE|FALLBACK, "all_gather": ...}
+_paths = weakref.WeakKeyDictionary()
 
 
 def probe(group, device=None):
@@ -27,9 +30,9 @@ def probe(group, device=None):
     group's own device: the current CUDA device for NCCL, else the CPU): a collective of each kind on a
     few elements, once per group and device type (cached). A collective: call it on every rank."""
     device = _device_of(group) if device is None else torch.device(device)
-    key = (group, device.type)
-    if key in _paths:
-        return _paths[key]
+    cached = _paths.get(group, {}).get(device.type)
+    if cached is not None:
+        return cached
     forced = os.environ.get(ENV_VAR, "auto")
     if forced not in ("auto", NATIVE, FALLBACK):
         raise ValueError(f"{ENV_VAR} must be auto, native or fallback, got {forced!r}")
@@ -44,8 +47,14 @@ def probe(group, device=None):
             paths[name] = NATIVE
         except (RuntimeError, NotImplementedError, ValueError, AttributeError):
             paths[name] = FALLBACK
-    _paths[key] = paths
+    _paths.setdefault(group, {})[device.type] = paths
     return paths
+
+
+def forget(group):
+    """Drops what probe() cached for `group` (before the group is destroyed: the cache would otherwise keep
+    the destroyed group alive until the interpreter exits, and gloo's threads torn down then can abort it)."""
+    _paths.pop(group, None)
 
 
 def _device_of(group):
