@@ -48,9 +48,7 @@ class GradReducer:
 
     def shard_range(self, bucket):
         """[start, end) of this rank's shard of `bucket` within GradBuffer.data."""
-        size = bucket.numel // self.world
-        start = bucket.start + self.rank * size
-        return start, start + size
+        return bucket.shard(self.rank, self.world)
 
     def watch(self):
         """Call right before the last micro-batch's backward."""

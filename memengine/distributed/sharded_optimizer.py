@@ -75,8 +75,7 @@ class ShardedMasterOptimizer(MasterOptimizer):
         self.buffer = buffer
         self.shards = []  # (bucket, start, end) of this rank's shard of each bucket, in buffer coordinates
         for bucket in buffer.buckets:
-            size = bucket.numel // self.world
-            self.shards.append((bucket, bucket.start + self.rank * size, bucket.start + (self.rank + 1) * size))
+            self.shards.append((bucket, *bucket.shard(self.rank, self.world)))
         low_precision = any(p.dtype != torch.float32 for p in buffer.params)
         shard_numel = sum(end - start for _, start, end in self.shards)
         device = buffer.data.device

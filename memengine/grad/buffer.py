@@ -60,6 +60,11 @@ class Bucket:
     def numel(self):
         return self.end - self.start
 
+    def shard(self, rank, world):
+        """[start, end) of shard `rank` of `world` equal contiguous shards of the bucket, in buffer coordinates."""
+        size = self.numel // world
+        return self.start + rank * size, self.start + (rank + 1) * size
+
     def __repr__(self):
         return f"Bucket({self.index}, [{self.start}, {self.end}), {len(self.params)} parameters)"
 
