@@ -93,11 +93,18 @@ class GradReducer:
             work.wait()
         self._works = []
 
-    def abandon(self):
-        """After a step that raised: waits for the reductions already launched (so that none writes the buffer
-        later) and stops watching, without learning from the interrupted backward."""
+    def abandon(self, watched):
+        """After this rank's step raised (watched: whether watch() was called in that step): stops watching,
+        without learning from the interrupted backward, launches every bucket of the step not launched yet, in
+        order, as the other ranks do (what the buckets hold does not matter: no rank steps on them), and waits
+        for all of them, so that no other rank waits for this one and nothing writes the buffer later."""
         if self._readiness is not None:
             self._readiness.abandon()
+        if not watched:
+            self._next, self._works = 0, []
+        buckets = self.buffer.buckets
+        while self._next < len(buckets):
+            self._launch(buckets[self._next])
         for work in self._works:
             work.wait()
         self._works = []

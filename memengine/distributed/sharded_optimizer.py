@@ -104,6 +104,8 @@ class ShardedMasterOptimizer(MasterOptimizer):
                 self.pieces.append((p, master, first - offset, last - offset))
             position += end - start
         self._low_precision = [(p, m) for p, m in self.masters if p.dtype != torch.float32]
+        self._piece_range = {id(master): (first, end) for _, master, first, end in self.pieces}
+        self._record_weights()
         if param_groups is None and not isinstance(optimizer_cls, torch.optim.Optimizer):
             # One group of every parameter in registration order, as an unsharded MasterOptimizer has it; given
             # as a group because a rank whose shards hold only padding has no piece, and torch.optim refuses
@@ -176,6 +178,11 @@ class ShardedMasterOptimizer(MasterOptimizer):
             pending = (work, bucket, gathered)
         if pending is not None:
             self._copy_out(*pending, offset_of)
+        self._record_weights()
+
+    def _master_part(self, p, master):
+        first, end = self._piece_range[id(master)]
+        return p.detach().reshape(-1)[first:end].view_as(master)
 
     @staticmethod
     def _copy_out(work, bucket, gathered, offset_of):
@@ -196,6 +203,7 @@ class ShardedMasterOptimizer(MasterOptimizer):
     def state_dict(self):
         """This rank's shard: the wrapped optimizer's state over its pieces, its masters and the layout they
         belong to (loadable only by the same rank of the same layout; see consolidated_state_dict)."""
+        self.follow_changed_weights()
         state = torch.optim.Optimizer.state_dict(self)
         state[MASTER_WEIGHTS_KEY] = None if self.master_data is None else self.master_data.clone()
         state[SHARD_KEY] = self._layout_signature()

@@ -15,8 +15,7 @@ def split_batch(batch, micro_batch_size):
     Every tensor must have the same number of rows (size of dim 0), else ValueError naming each
     tensor's key and row count: splitting them anyway would pair rows of one with rows of another.
     """
-    rows = {}
-    _count_rows(batch, "batch", rows)
+    rows = {path: tensor.shape[0] for path, tensor in _tensors(batch).items()}
     if not rows:
         raise TypeError(f"Engine.step: a batch must hold at least one tensor, got {type(batch).__name__}")
     if len(set(rows.values())) > 1:
@@ -28,27 +27,46 @@ def split_batch(batch, micro_batch_size):
     return _split(batch, micro_batch_size)
 
 
-def _count_rows(batch, path, rows):
-    """Fills `rows` with {path of each tensor in batch: its size of dim 0}."""
+def shape_signature(batch):
+    """((path, dtype, shape) of each tensor of `batch`), in order: what a memory plan made for this batch covers."""
+    return tuple((path, tensor.dtype, tuple(tensor.shape)) for path, tensor in _tensors(batch).items())
+
+
+def covers(signature, other):
+    """Whether a batch of shape_signature `other` is no larger than one of `signature`: the same tensors, of the
+    same dtypes, each no larger in any dimension (so its activations and bytes are no larger either)."""
+    return len(signature) == len(other) and all(
+        path == other_path
+        and dtype == other_dtype
+        and len(shape) == len(other_shape)
+        and all(size >= other_size for size, other_size in zip(shape, other_shape, strict=True))
+        for (path, dtype, shape), (other_path, other_dtype, other_shape) in zip(signature, other, strict=True)
+    )
+
+
+def _tensors(batch, path="batch", found=None):
+    """{path of each tensor in batch: the tensor}, refusing what cannot be split into micro-batches."""
+    found = {} if found is None else found
     if isinstance(batch, torch.Tensor):
         if batch.dim() == 0:
             raise ValueError(
                 f"Engine.step: {path} is a 0-dim tensor: it has no rows to split into micro-batches; "
                 "give it one row per sample, or pass it to loss_fn some other way (a closure)"
             )
-        rows[path] = batch.shape[0]
+        found[path] = batch
     elif isinstance(batch, collections.abc.Mapping):
         for key, value in batch.items():
             if _holds_tensor(value):
-                _count_rows(value, f"{path}[{key!r}]", rows)
+                _tensors(value, f"{path}[{key!r}]", found)
     elif isinstance(batch, (tuple, list)) and batch:
         for index, item in enumerate(batch):
-            _count_rows(item, f"{path}[{index}]", rows)
+            _tensors(item, f"{path}[{index}]", found)
     else:  # in a tuple or list every item is split, so each must hold a tensor
         raise TypeError(
             "Engine.step: a batch must be a tensor, tuple, list or Mapping of tensors; "
             f"{path} is {'an empty ' if isinstance(batch, (tuple, list)) else 'a '}{type(batch).__name__}"
         )
+    return found
 
 
 def _holds_tensor(value):

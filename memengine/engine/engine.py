@@ -30,7 +30,7 @@ import torch
 from memengine.distributed import DEFAULT_BUCKET_BYTES
 from memengine.distributed.data_parallel import DataParallel
 from memengine.distributed.sharded_optimizer import SHARD_KEY, ShardedMasterOptimizer
-from memengine.engine.batches import split_batch
+from memengine.engine.batches import covers, shape_signature, split_batch
 from memengine.engine.losses import causal_lm_loss
 from memengine.engine.step_memory import (
     MemoryReport,
@@ -40,7 +40,7 @@ from memengine.engine.step_memory import (
 )
 from memengine.grad import MasterOptimizer
 from memengine.nn import patch
-from memengine.segments import parse_bytes, repeated_blocks
+from memengine.segments import parse_bytes, repeated_blocks, segment
 from memengine.segments.model import Segment
 
 LIVE_ENGINES_ATTRIBUTE = "_memengine_engines"  # read by memengine.nn.unpatch
@@ -85,8 +85,12 @@ class Engine:
             on its first micro-batch (every block recomputed), predicts the optimizer state and
             step, profiles the blocks and applies the least-recompute plan whose predicted peak
             fits what is left (engine.segment_handle holds it; engine.memory_report() shows the
-            breakdown). A budget at or above the no-recompute peak recomputes nothing and says so
-            once (a warning with the numbers); one below the smallest feasible peak raises
+            breakdown). The plan covers batches no larger than the one it was made on (the same tensors,
+            each no larger in any dimension); a later batch that it does not cover (longer sequences,
+            more rows) is planned again before its first micro-batch, or given a plan made earlier for
+            a batch that covers it, so every step fits the budget. A budget at or above the
+            no-recompute peak recomputes nothing and says so once (a warning with the numbers); one
+            below the smallest feasible peak raises
             ValueError naming it, before any parameter changes. None: no recomputation.
             (memengine.segment(blocks, budget=...) keeps its meaning: the blocks' activations.)
         blocks: the modules the budget plans over (default: the model's largest nn.ModuleList
@@ -138,7 +142,9 @@ class Engine:
         self.blocks = blocks
         self.segment_handle = None
         self.measure_memory = measure_memory
-        self.memory_plan = None  # a step_memory.StepMemoryPlan, made at the first step
+        self.memory_plan = None  # the step_memory.StepMemoryPlan in use, made at the first step
+        self._planned_signature = None  # the batch shapes memory_plan was made for (batches.shape_signature)
+        self._plans = {}  # every plan made so far: shape signature -> (signature, StepMemoryPlan)
         self._restored_plan = None  # the plan of a loaded state dict made with the same budget
         self._measured_peak = None  # (step number, bytes) of the last measured step
         self._steps = 0
@@ -210,6 +216,11 @@ class Engine:
         the reported loss is divided by the token count twice (e.g. 62x too small with 62 tokens)
         and micro-batches are weighted equally, not by their token counts.
 
+        A step whose token counts sum to 0 (every label -100) has no mean loss: it raises ValueError and
+        leaves nothing behind (the next step trains as if it had not happened). With data parallelism a
+        step that raises on one rank raises on every rank (memengine.distributed.StepFailedOnAnotherRank
+        on the others; docs/data-parallel.md), so a loop may catch the errors and go on, on every rank.
+
         Returns a dict: "loss" (fp32 0-dim device tensor: the batch's mean loss, sum of loss_sum
         over sum of num_tokens), "grad_norm" (fp32 device tensor: the gradient's L2 norm before
         clipping), "tokens" (fp64 device tensor: the total token count), "skipped" (bool: True
@@ -220,30 +231,46 @@ class Engine:
             raise RuntimeError("Engine.step: this Engine was closed (engine.close()); build a new Engine to train")
         if loss_fn is None:
             loss_fn = causal_lm_loss
-        micro_batches = split_batch(batch, self.micro_batch_size)
+        # Counted before anything can raise: a step that fails is still a step every rank took (the step
+        # number is what data-parallel ranks compare to know they are combining the same step).
         self._steps += 1
         if not self.measure_memory:
-            return self._step(batch, micro_batches, loss_fn)
+            return self._step(batch, loss_fn)
         resident = resident_tensors(self.model, self.buffer, self.optimizer, batch)
-        stats, peak = measure_step_peak(
-            lambda: self._step(batch, micro_batches, loss_fn), self.buffer.data.device, resident
-        )
+        stats, peak = measure_step_peak(lambda: self._step(batch, loss_fn), self.buffer.data.device, resident)
         self._measured_peak = (self._steps, peak)
         return stats
 
     def _plan_memory(self, batch, micro_batches, loss_fn):
-        """The first step's whole-step memory plan (see `budget`), before its first micro-batch."""
+        """The whole-step memory plan (see `budget`) for this batch's shapes, before its first micro-batch: the
+        plan in use when it covers them (every tensor no larger), else a plan made earlier for shapes that cover
+        them (applied again), else a new plan made on this batch."""
+        signature = shape_signature(batch)
+        if self.memory_plan is not None and covers(self._planned_signature, signature):
+            return
+        cached = next((planned for known, planned in self._plans.items() if covers(known, signature)), None)
+        if self.segment_handle is not None:
+            self.segment_handle.remove()
         blocks = self.blocks if self.blocks is not None else repeated_blocks(self.model)
-        self.memory_plan = plan_step_memory(
-            self.model,
-            self.buffer,
-            self.optimizer,
-            blocks,
-            self.budget,
-            sample=lambda: loss_fn(self.model, micro_batches[0]),
-            batch=batch,
-            plan=self._restored_plan,
-        )
+        if cached is not None:
+            signature, self.memory_plan = cached
+            if any(s.policy != "keep" for s in self.memory_plan.plan):
+                self.memory_plan.handle = segment(blocks, plan=self.memory_plan.plan)
+                self.memory_plan.handle.chain = self.memory_plan.chain
+        else:
+            self.memory_plan = plan_step_memory(
+                self.model,
+                self.buffer,
+                self.optimizer,
+                blocks,
+                self.budget,
+                sample=lambda: loss_fn(self.model, micro_batches[0]),
+                batch=batch,
+                plan=self._restored_plan,
+            )
+            self._restored_plan = None  # a resumed run's plan is for the shapes it was first made for
+            self._plans[signature] = (signature, self.memory_plan)
+        self._planned_signature = signature
         self.segment_handle = self.memory_plan.handle
 
     def memory_report(self, batch=None, loss_fn=None):
@@ -265,9 +292,22 @@ class Engine:
         step, peak = self._measured_peak if self._measured_peak is not None else (None, None)
         return MemoryReport.from_plan(self.memory_plan, measured_peak=peak, measured_step=step)
 
-    def _step(self, batch, micro_batches, loss_fn):
-        if (self.budget is not None or self.measure_memory) and self.memory_plan is None:
-            self._plan_memory(batch, micro_batches, loss_fn)
+    def _step(self, batch, loss_fn):
+        data_parallel = self.data_parallel
+        try:
+            micro_batches = split_batch(batch, self.micro_batch_size)
+            if self.budget is not None or self.measure_memory:
+                self._plan_memory(batch, micro_batches, loss_fn)
+            loss_total, tokens_total = self._accumulate(micro_batches, loss_fn)
+        except BaseException as error:
+            if data_parallel is not None:  # the other ranks raise too instead of waiting for this one
+                data_parallel.abandon(self._steps, error)
+            raise
+        return self._update(loss_total, tokens_total)
+
+    def _accumulate(self, micro_batches, loss_fn):
+        """Forward and backward of every micro-batch into the buffer (data-parallel: reduced over the ranks);
+        returns the (loss sum, token count) of the step, fp64 device tensors (global with data parallelism)."""
         device = self.buffer.data.device
         self.optimizer.zero_grad()
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
@@ -276,42 +316,49 @@ class Engine:
         # tensor of each would be a blocking host-to-device copy per micro-batch.
         host_tokens = 0
         data_parallel = self.data_parallel
-        try:
-            for index, micro_batch in enumerate(micro_batches):
-                loss_sum, num_tokens = _checked_loss_result(loss_fn(self.model, micro_batch))
-                loss_total += loss_sum.detach().reshape(()).to(torch.float64)
-                if isinstance(num_tokens, torch.Tensor):
-                    tokens_total += num_tokens.detach().reshape(()).to(device=device, dtype=torch.float64)
-                else:
-                    host_tokens += num_tokens  # Python ints stay exact
-                if data_parallel is not None and index == len(micro_batches) - 1:
-                    tokens_total += float(host_tokens)
-                    host_tokens = 0
-                    data_parallel.last_backward(loss_total, tokens_total)  # starts the global token count
-                (loss_sum * self.loss_scale if self.loss_scale != 1.0 else loss_sum).backward()
-            if data_parallel is not None:
-                loss_total, tokens_total = data_parallel.finish()
-        except BaseException:
-            if data_parallel is not None:
-                data_parallel.abandon()
-            raise
-        tokens_total += float(host_tokens)  # a scalar kernel argument, not a copy
-        scale = (1.0 / (tokens_total * self.loss_scale)).to(torch.float32)
+        for index, micro_batch in enumerate(micro_batches):
+            loss_sum, num_tokens = _checked_loss_result(loss_fn(self.model, micro_batch))
+            loss_total += loss_sum.detach().reshape(()).to(torch.float64)
+            if isinstance(num_tokens, torch.Tensor):
+                tokens_total += num_tokens.detach().reshape(()).to(device=device, dtype=torch.float64)
+            else:
+                host_tokens += num_tokens  # Python ints stay exact
+            if data_parallel is not None and index == len(micro_batches) - 1:
+                tokens_total += float(host_tokens)
+                host_tokens = 0
+                data_parallel.last_backward(loss_total, tokens_total)  # starts the global token count
+            (loss_sum * self.loss_scale if self.loss_scale != 1.0 else loss_sum).backward()
+        if data_parallel is not None:
+            return data_parallel.finish()
+        return loss_total, tokens_total + float(host_tokens)  # a scalar kernel argument, not a copy
+
+    def _update(self, loss_total, tokens_total):
+        """Scales, measures and clips the step's gradient and steps the optimizer unless it is not finite."""
+        data_parallel = self.data_parallel
+        # Checked on the device, before the buffer is scaled: with no tokens (all labels -100, common in packed
+        # fine-tuning data) 1/tokens is inf, and 0 x inf would fill the whole buffer with NaN (alignment gaps and
+        # bucket padding too, which no later window overwrites): every later step would be skipped. Such a step
+        # scales by 1 instead, so it leaves nothing behind, and raises below.
+        has_tokens = (tokens_total > 0) & torch.isfinite(tokens_total)
+        scale = 1.0 / (tokens_total * self.loss_scale)
+        scale = torch.where(has_tokens, scale, torch.ones_like(scale)).to(torch.float32)
         if data_parallel is None:
             self.buffer.finish_window()
             stats = self.buffer.stats(scale)  # buffer /= tokens * loss scale; [norm, non-finite]
             if self.max_norm is not None:
                 self.buffer.clip_(stats, self.max_norm)
         else:
-            stats = data_parallel.stats(scale)  # the same, over the reduced gradient of all ranks
+            # The same over the reduced gradient of all ranks; raises on every rank when the ranks disagree.
+            stats = data_parallel.stats(scale, self._steps, weights_changed=bool(self.optimizer.changed_weights()))
             if self.max_norm is not None:
                 data_parallel.clip_(stats, self.max_norm)
         # The one host synchronisation of the step.
-        skipped, no_tokens = torch.stack([stats[1] > 0, tokens_total <= 0]).tolist()
+        skipped, no_tokens = torch.stack([stats[1] > 0, ~has_tokens]).tolist()
         if no_tokens:
             raise ValueError(
                 f"Engine.step: loss_fn's token counts sum to {tokens_total.item():g} over the batch, so there is "
-                "no mean loss to step on (were all labels -100?); nothing was stepped"
+                "no mean loss to step on (were all labels -100?); nothing was stepped, and the next step starts "
+                "afresh"
             )
         if skipped:
             if self.dynamic_loss_scale:
@@ -394,7 +441,8 @@ class Engine:
         if self.memory_plan is not None:  # planned already in this process: plan again at the next step
             if self.segment_handle is not None:
                 self.segment_handle.remove()
-            self.memory_plan = self.segment_handle = None
+            self.memory_plan = self.segment_handle = self._planned_signature = None
+            self._plans = {}
 
 
 def _warn_if_distributed_without_group():

@@ -17,8 +17,12 @@ parameter: torch.nn.utils.clip_grad_norm_ and anything else that reads .grad see
 gradient, and a backward that raises half way (an out-of-memory error the training loop catches)
 leaves .grad as plain PyTorch would: what was accumulated so far. Clearing .grad (model.zero_grad(),
 optimizer.zero_grad(), Trainer's and accelerate's zero-grad calls) opens a new window for that
-parameter. bf16/fp16 parameters get an fp32 .grad through torch's `grad_dtype = None` (any gradient
-dtype; incoming low-precision gradients are not cast), restored by release(). Step them through
+parameter. bf16/fp16 parameters get an fp32 .grad through torch's `grad_dtype = torch.float32`
+(restored by release()): autograd casts each low-precision contribution to fp32 before it sums them,
+so a parameter used several times in one backward (an embedding shared by encoder and decoder,
+a LayerNorm shared across layers) is summed in fp32 as plain PyTorch with grad_dtype=float32 sums
+it, not in bf16 before the fold (the temporary of such a gradient is fp32: 4 bytes per element of
+the parameter, until the fold hook drops it). Step them through
 memengine.MasterOptimizer, which owns fp32 master weights whose .grad are the views: any other
 torch optimizer about to step them raises (refuse_low_precision_step, a global step pre-hook), as it
 would apply the fp32 gradient straight to the low-precision weights. fp32 parameters work with any
@@ -40,6 +44,7 @@ from memengine.grad.hooks import (
     check_module_forward,
     fold_autograd_gradient,
     is_view_of_main_grad,
+    parameter_name,
     refuse_data_parallel,
     refuse_low_precision_step,
     track_low_precision_buffer,
@@ -140,6 +145,7 @@ class GradBuffer:
         self.data = torch.zeros(total, dtype=dtype, device=devices.pop())
         self._module = weakref.ref(module) if module is not None else None
         self._covered = {id(p) for p in self.params}
+        self._built_as = {id(p): (p.dtype, p.device) for p in self.params}  # check_parameters() compares
         self._coverage_checked = False  # check_coverage() passed in this window
         self._first = {}  # id(p) -> True while p's next contribution must overwrite
         self._grad_is_view = set()  # ids of parameters whose .grad we set to the main_grad view
@@ -165,7 +171,9 @@ class GradBuffer:
             p.grad = None
             if p.dtype != torch.float32:
                 self._low_precision_grad_dtypes[id(p)] = p.grad_dtype
-                p.grad_dtype = None  # lets .grad be the fp32 view; autograd still delivers bf16/fp16
+                # fp32: .grad may be the fp32 view, and autograd sums a multi-use parameter's contributions in
+                # fp32 (with None it summed them in bf16: 1.7e-3 relative error on a shared embedding, issue 18)
+                p.grad_dtype = torch.float32
             p.main_grad = self.data[offset : offset + p.numel()].view_as(p)
             p._memengine_buffer = self_ref
             self._first[id(p)] = True
@@ -238,7 +246,8 @@ class GradBuffer:
         trainable parameter the buffer does not cover (unfrozen, added or replaced after the buffer
         was built, e.g. by FSDP or fully_shard), whose gradient would never reach main_grad, or if a
         covered parameter is no longer part of the module. Nothing to check for a buffer built from
-        a list of parameters. Costs one walk over the module's parameters."""
+        a list of parameters. Also check_parameters(). Costs one walk over the module's parameters."""
+        self.check_parameters()
         module = self.module
         if module is None:
             return
@@ -265,6 +274,35 @@ class GradBuffer:
                     "parameters), so the buffer is stale. Call memengine.unpatch(model) and patch again after "
                     "changing the model"
                 )
+
+    def check_parameters(self):
+        """Raises RuntimeError naming the parameter if a covered parameter changed dtype or device since the
+        buffer was built (model.to(torch.bfloat16), .half(), .cuda() after memengine.patch), or its main_grad is
+        no longer its fp32 slice of the buffer (Module.to casts .grad in place, and .grad is that slice): its
+        gradient slice, and the masters and optimizer state built over it, were made for the old dtype and
+        device, so training on would be wrong or fail inside a kernel. Costs one walk over the parameters."""
+        base, itemsize = self.data.data_ptr(), self.data.element_size()
+        for p, offset in zip(self.params, self.offsets, strict=True):
+            dtype, device = self._built_as[id(p)]
+            main_grad = getattr(p, "main_grad", None)
+            intact = (
+                main_grad is not None
+                and main_grad.dtype == self.data.dtype
+                and main_grad.data_ptr() == base + offset * itemsize
+            )
+            if p.dtype == dtype and p.device == device and intact:
+                continue
+            if (p.dtype, p.device) != (dtype, device):
+                change = f"changed from {dtype} on {device} to {p.dtype} on {p.device}"
+            else:
+                change = "had its main_grad replaced or cast"
+            raise RuntimeError(
+                f"memengine GradBuffer: {parameter_name(p, self.module)} {change} after memengine.patch / "
+                "GradBuffer built its fp32 gradient slice (and any MasterOptimizer or Engine its fp32 masters and "
+                "optimizer state). Cast or move the model before memengine.patch / memengine.Engine / "
+                "prepare(trainer); or call memengine.unpatch(model), cast or move it, patch again and build a new "
+                "Engine or MasterOptimizer"
+            )
 
     def check_coverage_once_per_window(self):
         """check_coverage() at most once per accumulation window (the forward pre-hook calls this)."""
@@ -315,6 +353,8 @@ class GradBuffer:
     # -- contributions (called from backward) -------------------------------------------------
     def claim(self, p):
         """Whether p's contribution now must overwrite; records that p got one in this backward."""
+        if p.main_grad.dtype != self.data.dtype or p.dtype != self._built_as[id(p)][0]:
+            self.check_parameters()  # cast after patch (the forward's check runs once per window): say so
         self._open_window_if_grad_cleared(p)
         first = self._first[id(p)]
         self._first[id(p)] = False

@@ -67,8 +67,11 @@ class MasterOptimizer(torch.optim.Optimizer):
     param_groups, state and defaults are the wrapped optimizer's own objects and refer to the
     masters: learning-rate schedulers, per-group options and step hooks attach here.
     state_dict() adds the masters ("master_weights"); load_state_dict() restores them and refreshes
-    the model. It cannot be pickled or deep-copied, and add_param_group is refused (the parameters
-    are fixed by the buffer).
+    the model. Weights changed after the optimizer was built (model.load_state_dict, an init function,
+    an in-place edit under torch.no_grad, a .data assignment) are seen by their version counters and
+    data pointers at the next step() or state_dict(), and their masters are re-derived from them (an
+    in-place edit of parameter.data changes neither: call refresh_masters() after one). It cannot be
+    pickled or deep-copied, and add_param_group is refused (the parameters are fixed by the buffer).
     """
 
     # Set by memengine.distributed (a layer above this one): the class MasterOptimizer(..., shard=True) builds.
@@ -109,6 +112,7 @@ class MasterOptimizer(torch.optim.Optimizer):
                 master = torch.nn.Parameter(view)  # shares master_data's storage
             self.masters.append((p, master))
         self._low_precision = [(p, m) for p, m in self.masters if p.dtype != torch.float32]
+        self._record_weights()
         self._build(optimizer_cls, param_groups, kwargs)
 
     def _build(self, optimizer_cls, param_groups, kwargs):
@@ -154,6 +158,13 @@ class MasterOptimizer(torch.optim.Optimizer):
         for group in param_groups:
             params = group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
+            # Names come as (name, parameter) pairs, or as an optimizer instance's "param_names"; torch refuses
+            # named and unnamed groups side by side, so a named group stays named even when it holds no master
+            # here (a ZeRO-1 rank whose shards hold none of its parameters): every rank builds the same groups.
+            names = group.get("param_names")
+            if names is not None:
+                params = list(zip(names, params, strict=True))
+            named = bool(params) and all(isinstance(entry, tuple) for entry in params)
             masters = []
             for entry in params:
                 name, p = entry if isinstance(entry, tuple) else (None, entry)
@@ -169,7 +180,8 @@ class MasterOptimizer(torch.optim.Optimizer):
                 grouped.add(id(p))
                 if id(p) in master_of:
                     masters.append(master_of[id(p)] if name is None else (name, master_of[id(p)]))
-            groups.append({**group, "params": masters})
+            options = {key: value for key, value in group.items() if key not in ("params", "param_names")}
+            groups.append({**options, "params": masters, **({"param_names": []} if named and not masters else {})})
         missing = [tuple(p.shape) for p in self.buffer.params if id(p) not in grouped]
         if missing:
             raise ValueError(
@@ -235,6 +247,8 @@ class MasterOptimizer(torch.optim.Optimizer):
         closure: as in torch.optim, re-evaluates the model (zero_grad, forward, backward) and
         returns the loss, which step returns; the model is refreshed from the masters before each
         evaluation, so optimizers that evaluate it several times (LBFGS) see their updates."""
+        self.buffer.check_parameters()
+        self.follow_changed_weights()
         if closure is None:
             self._attach_gradients()
             loss = self._step_wrapped_optimizer()
@@ -269,11 +283,54 @@ class MasterOptimizer(torch.optim.Optimizer):
         """Model parameters <- masters (cast to their dtype)."""
         if self._low_precision:
             torch._foreach_copy_([p for p, _ in self._low_precision], [m for _, m in self._low_precision])
+        self._record_weights()
+
+    # -- masters follow the weights ----------------------------------------------------------------
+    # The masters are the truth the optimizer steps; the low-precision parameters are written from them. A
+    # parameter changed by anything else after that (model.load_state_dict, an init function, an in-place edit
+    # under torch.no_grad, a .data assignment) would be overwritten from stale masters by the next step, even
+    # at lr 0. So the (version counter, data pointer) of each low-precision parameter is recorded whenever the
+    # masters are written into it, and a parameter that differs at the next step or state_dict() has its master
+    # re-derived from it: the changed weights win, as they do in plain PyTorch. An in-place edit of
+    # `parameter.data` bumps no version counter and keeps the pointer: call refresh_masters() after one.
+    def _record_weights(self):
+        # Every parameter of the buffer, fp32 ones (their own masters) and those a ZeRO-1 rank holds no piece of
+        # included: whether the weights changed is also compared across data-parallel ranks (memengine.distributed).
+        self._weights_written = {id(p): (p._version, p.data_ptr()) for p in self.buffer.params}
+
+    def changed_weights(self):
+        """The parameters changed (in place or by .data assignment) by anything but this optimizer since it last
+        stepped or wrote them, in buffer order. Only the low-precision ones need their masters re-derived."""
+        written = self._weights_written
+        return [p for p in self.buffer.params if (p._version, p.data_ptr()) != written[id(p)]]
+
+    def follow_changed_weights(self):
+        """Re-derives the masters of changed_weights() from the parameters (no-op when none changed); returns
+        how many changed."""
+        changed = self.changed_weights()
+        if changed:
+            self.refresh_masters(changed)
+        return len(changed)
+
+    @torch.no_grad()
+    def refresh_masters(self, params=None):
+        """Masters <- the model's low-precision parameters (all, or those of `params`), upcast: after changing the
+        weights in a way step() cannot see (an in-place edit of parameter.data). Optimizer state is kept."""
+        chosen = None if params is None else {id(p) for p in params}
+        for p, master in self._low_precision:
+            if chosen is None or id(p) in chosen:
+                master.copy_(self._master_part(p, master))
+        self._record_weights()
+
+    def _master_part(self, p, master):
+        """The elements of p that `master` holds (all of them here; a ZeRO-1 piece overrides this)."""
+        return p.detach()
 
     def state_dict(self):
         """torch's optimizer state dict of the wrapped optimizer ("state", "param_groups"; state
         dict hooks registered here run), plus "master_weights": a copy of the fp32 masters when the
         model has low-precision parameters (None otherwise)."""
+        self.follow_changed_weights()
         state = super().state_dict()
         state[MASTER_WEIGHTS_KEY] = None if self.master_data is None else self._to_canonical(self.master_data)
         return state

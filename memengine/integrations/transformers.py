@@ -13,9 +13,10 @@ buffer behaves like .grad: gradient_accumulation_steps (micro-batches add into t
 model.zero_grad() after each optimizer step opens a new window), max_grad_norm (clip_grad_norm_
 sees the buffer's fp32 gradients through .grad, so the logged grad_norm is the buffer's norm),
 learning-rate schedulers (created over the MasterOptimizer), checkpoints (the optimizer's state
-dict carries the masters, so resume_from_checkpoint continues exactly) and
-activation_checkpointing / gradient_checkpointing. Or, instead of Trainer's checkpointing,
-prepare(trainer, budget="12GiB") has memengine's planner fit the whole training step into that
+dict carries the masters, so resume_from_checkpoint continues exactly), calling train() again (it
+goes on with the same masters and optimizer state under a new schedule, as Trainer goes on with
+its optimizer) and activation_checkpointing / gradient_checkpointing. Or, instead of Trainer's
+checkpointing, prepare(trainer, budget="12GiB") has memengine's planner fit the whole training step into that
 many bytes, as memengine.Engine(budget=) does: at the first training forward it measures one
 micro-batch, predicts the optimizer step and applies the least-recompute plan of the model's
 repeated blocks that fits (preparation.memory_report() shows the breakdown).
@@ -32,6 +33,7 @@ with low-precision parameters, model_init (Trainer would build a new, unpatched 
 
 import torch
 import transformers
+from accelerate.optimizer import AcceleratedOptimizer
 
 from memengine.engine.step_memory import MemoryReport, plan_step_memory
 from memengine.grad import MasterOptimizer
@@ -122,11 +124,18 @@ def prepare(trainer, *, budget=None, blocks=None):
 
     def create_optimizer(model=None):
         optimizer = build_optimizer(model)
-        trainer.optimizer = preparation.optimizer = _over_masters(optimizer, buffer)
+        preparation.optimizer = _over_masters(optimizer, buffer)
+        # A later train() gets back the optimizer of the first one, which accelerate has wrapped around
+        # the MasterOptimizer: it stays as it is (accelerate recognizes its own wrapper and does not wrap
+        # it again), so training continues with the same masters and optimizer state, as a plain
+        # Trainer continues with its optimizer.
+        if _without_accelerate_wrapper(optimizer) is not preparation.optimizer:
+            trainer.optimizer = preparation.optimizer
         return trainer.optimizer
 
     # An instance attribute: create_optimizer_and_scheduler calls self.create_optimizer() and then
-    # builds the scheduler over self.optimizer, which is by then the MasterOptimizer.
+    # builds the scheduler over self.optimizer, which is by then the MasterOptimizer (or, from the
+    # second train() on, accelerate's wrapper around it, whose param_groups are the MasterOptimizer's).
     trainer.create_optimizer = create_optimizer
     if preparation.budget is not None:
         preparation.planning_hook = trainer.model.register_forward_pre_hook(
@@ -136,11 +145,22 @@ def prepare(trainer, *, budget=None, blocks=None):
 
 
 def _over_masters(optimizer, buffer):
+    """The MasterOptimizer that steps `optimizer` (as Trainer built it, or was given it) through buffer's
+    fp32 masters: the one inside it when it already is one, or is accelerate's wrapper around one."""
+    optimizer = _without_accelerate_wrapper(optimizer)
     if isinstance(optimizer, MasterOptimizer):
         if optimizer.buffer is not buffer:
             raise ValueError("prepare: the MasterOptimizer passed to the Trainer steps another model's GradBuffer")
         return optimizer
     return MasterOptimizer(optimizer, buffer)
+
+
+def _without_accelerate_wrapper(optimizer):
+    """The optimizer inside accelerate's AcceleratedOptimizer, which Trainer's train() puts around its
+    optimizer and keeps in trainer.optimizer afterwards."""
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _refuse_unsupported(trainer, budget):

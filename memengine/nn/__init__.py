@@ -3,6 +3,6 @@ which swaps them into a model in place."""
 
 from memengine.nn.conv1d import Conv1DFusedMixin
 from memengine.nn.linear import Linear
-from memengine.nn.patching import patch, unpatch
+from memengine.nn.patching import is_fused, patch, unpatch
 
-__all__ = ["Conv1DFusedMixin", "Linear", "patch", "unpatch"]
+__all__ = ["Conv1DFusedMixin", "Linear", "is_fused", "patch", "unpatch"]

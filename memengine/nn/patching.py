@@ -75,6 +75,12 @@ def patch(model, bucket_bytes=None, bucket_multiple=1):
     return buffer
 
 
+def is_fused(module):
+    """Whether `module` runs memengine's fused backward (a patched nn.Linear or Hugging Face Conv1D): its weight
+    and bias gradients are accumulated in fp32 straight into the buffer, not produced by autograd."""
+    return isinstance(module, (Linear, Conv1DFusedMixin))
+
+
 def unpatch(model):
     """Restores the original module classes and releases the GradBuffer that patch() attached.
     Refused (RuntimeError) while a memengine.Engine built on the model is alive: it accumulates

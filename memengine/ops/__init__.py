@@ -17,7 +17,9 @@ from memengine.ops.functions import (  # noqa: E402
     accumulate_,
     bias_grad_accumulate_,
     clip_,
+    combine_grad_stats,
     grad_stats_,
+    grad_stats_in_pieces,
     multi_accumulate_,
     wgrad_accumulate_,
 )
@@ -27,7 +29,9 @@ __all__ = [
     "accumulate_",
     "bias_grad_accumulate_",
     "clip_",
+    "combine_grad_stats",
     "grad_stats_",
+    "grad_stats_in_pieces",
     "multi_accumulate_",
     "wgrad_accumulate_",
 ]

@@ -105,6 +105,26 @@ def grad_stats_(flat, scale=1.0):
     return _run("grad_stats_", flat.device.type, flat, scale_value, scale_tensor)
 
 
+def grad_stats_in_pieces(pieces):
+    """What grad_stats_ returns for a whole buffer, from grad_stats_'s results on pieces of it (ZeRO-1's shards,
+    on one rank or summed over ranks): a float64 tensor [sum of squared norms, non-finite values] per piece,
+    which add up, and `combine_grad_stats` of their sum. Each piece's norm is squared in float64 (a float32
+    square overflows from norms of 1.8e19 on), and the overflow mark grad_stats_ puts on a piece (+inf norm,
+    one more in the count) is taken back out of its count, so that the combined result follows grad_stats_'s
+    rule once: a whole norm beyond float32's range is +inf and counts as one more non-finite value."""
+    total = None
+    for stats in pieces:
+        norm = stats[0].to(torch.float64)
+        part = torch.stack([norm * norm, stats[1].to(torch.float64) - torch.isinf(norm).to(torch.float64)])
+        total = part if total is None else total + part
+    return total
+
+
+def combine_grad_stats(summed):
+    """grad_stats_'s float32 [norm, non-finite count] from the sum of grad_stats_in_pieces over every piece."""
+    return reference.grad_stats_result(summed[0].sqrt(), summed[1])
+
+
 def clip_(flat, stats, max_norm):
     """flat *= min(1, max_norm / (stats[0] + 1e-6)) unless stats[1] > 0 (a non-finite value:
     the step will be skipped) or stats[0] is not finite; then flat is left as it is. Reads

@@ -17,6 +17,7 @@ gradients PyTorch happens to get exactly right), never a fixed tolerance.
 import copy
 import dataclasses
 import random
+import warnings
 
 import pytest
 import torch
@@ -44,8 +45,12 @@ MODES = (
     "requires_grad_toggle",
     "deepcopy",
     "autocast",
+    "bf16_multi_use",
+    "weights_loaded_after_optimizer",
+    "zero_token_steps",
+    "shape_change_under_budget",
 )
-SEEDS_PER_MODE = 17  # 12 modes x 17 = 204 generated cases
+SEEDS_PER_MODE = 17  # 16 modes x 17 = 272 generated cases
 
 
 class Unit(torch.nn.Module):
@@ -392,6 +397,118 @@ def mode_autocast(spec, reference, oracle, model, tokens, noise):
             loss_sum(m, tokens).backward()
     loss_sum(oracle, tokens).backward()
     assert_all_agree(gradients_of(model, buffer), gradients_of(reference), gradients_of(oracle))
+
+
+def mode_bf16_multi_use(spec, reference, oracle, model, tokens, noise):
+    """A bf16 model run twice in one backward (every parameter used at least twice, tied ones more): memengine
+    against plain PyTorch summing each parameter's contributions in fp32 (grad_dtype), judged against the fp64
+    oracle of the same bf16 weights."""
+    model, reference = model.bfloat16(), reference.bfloat16()
+    oracle = copy.deepcopy(reference).double()
+    for p in reference.parameters():
+        p.grad_dtype = torch.float32
+    buffer = me.patch(model)
+    buffer.zero_()
+    for m in (model, reference, oracle):
+        (loss_sum(m, tokens) + loss_sum(m, tokens.flip(0))).backward()
+    ours, theirs, exact = gradients_of(model, buffer), gradients_of(reference), gradients_of(oracle)
+    fused = {id(p) for module in model.modules() if me.nn.is_fused(module) for p in module.parameters(recurse=False)}
+    for name, p in model.named_parameters():
+        if id(p) not in fused:
+            # Gradients autograd produces: the same bf16 per-use gradients, summed in fp32 on both sides.
+            assert_agree(name, ours[name], theirs[name], None)
+        elif ours[name] is not None:
+            # Fused layers sum in fp32 what PyTorch's bf16 GEMM rounds to bf16 per use: judged by the relative
+            # L2 error against the oracle (an element's max error is dominated by the bf16 forward's noise,
+            # which one bf16 rounding more or less can cancel by chance).
+            ours_error, torch_error = (
+                relative_l2_error(gradient, exact[name]) for gradient in (ours[name], theirs[name])
+            )
+            assert ours_error <= 2 * torch_error, (name, ours_error, torch_error)
+
+
+def relative_l2_error(gradient, exact):
+    return ((gradient.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+def engine_steps_against_pytorch(engine, reference, oracle, batches, lr):
+    """engine.step over `batches` (micro-batches of 3 rows), and the same steps in plain PyTorch: the summed loss
+    of each micro-batch over the step's token count, then SGD."""
+    for batch in batches:
+        engine.step(batch, lambda m, mb: (loss_sum(m, mb), mb[:, 1:].numel()))
+        for m in (reference, oracle):
+            m.zero_grad()
+            for micro_batch in batch.split(3):
+                (loss_sum(m, micro_batch) / batch[:, 1:].numel()).backward()
+        sgd_step((reference, oracle), lr=lr)
+
+
+def mode_weights_loaded_after_optimizer(spec, reference, oracle, model, tokens, noise):
+    """Load other weights into the model after the Engine (and its masters) exist, as many scripts do: the next
+    steps train from the loaded weights, as plain PyTorch does."""
+    lr = 0.05
+    engine = me.Engine(model, optimizer=lambda params: torch.optim.SGD(params, lr=lr), micro_batch_size=3)
+    torch.manual_seed(1000)
+    loaded = Model(spec).state_dict()
+    for m in (model, reference, oracle):
+        m.load_state_dict(loaded)
+    engine_steps_against_pytorch(engine, reference, oracle, [tokens, tokens.flip(0)], lr)
+    assert_parameters_agree(model, reference, oracle)
+
+
+def mode_zero_token_steps(spec, reference, oracle, model, tokens, noise):
+    """A micro-batch with no tokens inside a step, then a step with none at all (refused, leaving nothing behind),
+    then an ordinary step: as plain PyTorch doing only the steps that had tokens."""
+    lr = 0.05
+    engine = me.Engine(model, optimizer=lambda params: torch.optim.SGD(params, lr=lr), micro_batch_size=3)
+
+    def masked_loss(m, micro_batch, counted):
+        return loss_sum(m, micro_batch) * 0.0 if not counted else loss_sum(m, micro_batch)
+
+    # Step 1: rows 0-2 carry no tokens (their loss is multiplied by 0, their count is 0).
+    rows = tokens.shape[0]
+    engine.step(
+        tokens, lambda m, mb: (masked_loss(m, mb, mb.shape[0] < 3), 0 if mb.shape[0] == 3 else mb[:, 1:].numel())
+    )
+    for m in (reference, oracle):
+        m.zero_grad()
+        (loss_sum(m, tokens[3:]) / tokens[3:, 1:].numel()).backward()
+    sgd_step((reference, oracle), lr=lr)
+    with pytest.raises(ValueError, match="token counts sum to 0"):
+        engine.step(tokens, lambda m, mb: (loss_sum(m, mb) * 0.0, 0))
+    assert rows > 3 and torch.isfinite(engine.buffer.data).all()
+    engine_steps_against_pytorch(engine, reference, oracle, [tokens.flip(0)], lr)
+    assert_parameters_agree(model, reference, oracle)
+
+
+def mode_shape_change_under_budget(spec, reference, oracle, model, tokens, noise):
+    """Engine(budget=) between its smallest feasible budget and its no-recompute peak, over a short batch and then
+    a longer one (planned again) and the short one again: recomputation changes memory, never the numbers."""
+    lr = 0.05
+    short = tokens[:, : LENGTH // 2 + 1]
+
+    def counted(m, mb):
+        return loss_sum(m, mb), mb[:, 1:].numel()
+
+    probe = me.Engine(copy.deepcopy(reference), optimizer=torch.optim.SGD, micro_batch_size=3)
+    report = probe.memory_report(tokens, counted)
+    budget = (report.smallest_feasible_budget + report.no_recompute_peak) // 2
+    engine = me.Engine(
+        model, optimizer=lambda params: torch.optim.SGD(params, lr=lr), micro_batch_size=3, budget=budget
+    )
+    for batch in (short, tokens, short):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a budget above a batch's no-recompute peak says so
+            engine_steps_against_pytorch(engine, reference, oracle, [batch], lr)
+        assert_parameters_agree(model, reference, oracle)
+        # Each step from the same parameters: with BatchNorm over a few rows, fp32 rounding differences of
+        # earlier steps grow faster than the oracle's own error (measured: 12x after three steps).
+        with torch.no_grad():
+            for m in (reference, oracle):
+                for target, source in zip(
+                    [*m.parameters(), *m.buffers()], [*model.parameters(), *model.buffers()], strict=True
+                ):
+                    target.copy_(source)
 
 
 def assert_buffers_agree(model, reference):

@@ -1,17 +1,21 @@
 """Runs a function on several ranks, each a fresh process (torch.multiprocessing's spawn) in a gloo
 process group on this machine, and returns what each rank returned.
 
-    results = run_ranks(world, fn, *args, timeout=120)
+    results = run_ranks(world, fn, *args, timeout=120, group_timeout=None)
 
 fn(rank, world, *args) runs after torch.distributed.init_process_group("gloo") (a FileStore in a
 temporary directory: no port to pick); it must be importable by module name (a module-level function
 of a module under tests/, which spawn re-imports) and return something picklable (tensors are
 sent as their bytes: see `portable`). OMP_NUM_THREADS=1 and one intra-op thread per rank.
 
+group_timeout: the process group's own timeout in seconds (init_process_group(timeout=)), after which a
+collective that waits for a missing rank raises; None: torch's default (30 minutes for gloo).
+
 A rank that raises fails the call with its traceback; ranks still running `timeout` seconds after
 the start are killed and the call fails naming them, so a hang fails the test instead of blocking CI.
 """
 
+import datetime
 import os
 import queue
 import tempfile
@@ -60,13 +64,14 @@ class _Bytes:
         return torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.dtype).reshape(self.shape)
 
 
-def _rank_main(rank, world, store_path, fn, args, results, env):
+def _rank_main(rank, world, store_path, fn, args, results, env, group_timeout):
     os.environ.update(env)
     torch.set_num_threads(1)
     try:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+        options = {} if group_timeout is None else {"timeout": datetime.timedelta(seconds=group_timeout)}
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, **options)
         try:
             value = fn(rank, world, *args)
         finally:
@@ -76,7 +81,7 @@ def _rank_main(rank, world, store_path, fn, args, results, env):
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(world, fn, *args, timeout=120, env=None):
+def run_ranks(world, fn, *args, timeout=120, env=None, group_timeout=None):
     """[fn's result on rank 0, on rank 1, ...]; see the module docstring."""
     context = mp.get_context("spawn")
     results = context.Queue()
@@ -87,7 +92,9 @@ def run_ranks(world, fn, *args, timeout=120, env=None):
         store = os.path.join(directory, "store")
         try:
             processes = [
-                context.Process(target=_rank_main, args=(rank, world, store, fn, args, results, child_env))
+                context.Process(
+                    target=_rank_main, args=(rank, world, store, fn, args, results, child_env, group_timeout)
+                )
                 for rank in range(world)
             ]
             for process in processes:

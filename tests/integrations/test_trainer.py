@@ -2,8 +2,8 @@
 running the usual fp32-master-weights recipe (hf_training.Fp32MasterAdamW) on the same bf16
 model: losses and logged gradient norms (against the recipe with fp32 gradient accumulation,
 plain autograd's closest match to the buffer), peak memory (against the recipe as usually run,
-with bf16 gradients), checkpoint resume, activation checkpointing, and the configurations
-prepare() refuses."""
+with bf16 gradients), checkpoint resume, a second train(), activation checkpointing, and the
+configurations prepare() refuses."""
 
 import pytest
 import torch
@@ -119,6 +119,45 @@ def test_resuming_from_the_step_10_checkpoint_reaches_the_same_step_20_parameter
         assert torch.equal(got, want), f"{name} differs after resuming"
     masters, resumed_masters = trainer.optimizer.optimizer.master_data, resumed.optimizer.optimizer.master_data
     assert torch.equal(resumed_masters, masters)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_second_train_continues_with_the_same_masters_and_tracks_the_fp32_master_recipe(kind, tmp_path):
+    """A plain Trainer's second train() goes on from the first with the same optimizer (its state
+    and, in the recipe, its fp32 masters) under a new learning-rate schedule; a prepared Trainer
+    must do the same with its MasterOptimizer, not build another one over accelerate's wrapper."""
+    steps = STEPS // 2
+    rows = make_dataset(rows=32, seed=7)  # held out: the final parameters' loss, without dropout
+    batch = {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "labels")}
+
+    def train_twice(trainer):
+        runs = []
+        for _ in range(2):
+            trainer.train()  # each train() starts a new TrainerState: log_history holds this run alone
+            runs.append((logged(trainer, "loss"), logged(trainer, "learning_rate"), trainer.optimizer.optimizer))
+        trainer.model.eval()
+        with torch.no_grad():
+            return runs, float(trainer.model(**batch).loss)
+
+    reference_model = accumulate_gradients_in_fp32(make_model(kind))
+    reference = reference_trainer(reference_model, training_args(tmp_path / "reference", max_steps=steps))
+    expected_runs, expected_final_loss = train_twice(reference)
+    args = training_args(tmp_path / "memengine", max_steps=steps)
+    trainer = transformers.Trainer(model=make_model(kind), args=args, train_dataset=make_dataset())
+    preparation = prepare(trainer)
+    runs, final_loss = train_twice(trainer)
+    masters = preparation.optimizer
+    assert isinstance(masters, me.MasterOptimizer) and all(optimizer is masters for _, _, optimizer in runs)
+    assert {float(state["step"]) for state in masters.state.values()} == {2.0 * steps}  # AdamW went on, not anew
+    assert all(torch.equal(p, master.to(p.dtype)) for p, master in masters.masters)
+    for run, ((losses, rates, _), (want_losses, want_rates, _)) in enumerate(zip(runs, expected_runs, strict=True)):
+        assert rates == want_rates, f"train() {run + 1}: learning rates {rates} vs the plain recipe's {want_rates}"
+        assert len(losses) == len(want_losses) == steps
+        for step, (loss, want) in enumerate(zip(losses, want_losses, strict=True)):
+            assert abs(loss - want) <= 1e-3 * abs(want), (
+                f"train() {run + 1}, step {step + 1}: loss {loss} vs the plain recipe's {want}"
+            )
+    assert abs(final_loss - expected_final_loss) <= 1e-3 * expected_final_loss, (final_loss, expected_final_loss)
 
 
 def test_a_checkpoint_without_master_weights_is_refused_on_resume(tmp_path):
