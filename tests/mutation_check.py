@@ -25,8 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTATIONS = {
     "unscale forgets the loss scale": (
         "engine/engine.py",
-        "scale = (1.0 / (tokens_total * self.loss_scale)).to(torch.float32)",
-        "scale = (1.0 / tokens_total).to(torch.float32)",
+        "scale = 1.0 / (tokens_total * self.loss_scale)",
+        "scale = 1.0 / tokens_total",
         ["tests/engine"],
     ),
     "dynamic loss scale never grows": (
@@ -49,8 +49,8 @@ MUTATIONS = {
     ),
     "the fold hook's view branch does not claim": (
         "grad/hooks.py",
-        "        buffer.claim(p)\n        return",
-        "        return",
+        "        buffer.claim(p)\n        buffer.contributed(p)\n        return",
+        "        buffer.contributed(p)\n        return",
         ["tests/grad", "tests/differential"],
     ),
     "no autocast replay in me.checkpoint": (
