@@ -14,7 +14,7 @@ from memengine import ops  # noqa: I001  (first: defines the op schemas and load
 from memengine import distributed, grad, nn, plan, segments
 from memengine.engine import Engine, causal_lm_loss
 from memengine.grad import GradBuffer, MasterOptimizer
-from memengine.nn import patch, unpatch
+from memengine.nn import linear_cross_entropy, patch, unpatch
 from memengine.segments import CheckpointError, checkpoint, segment
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "checkpoint",
     "patch",
     "causal_lm_loss",
+    "linear_cross_entropy",
     "segment",
     "unpatch",
     "__version__",

@@ -27,7 +27,7 @@ def _autocast_dtype(device_type):
 ACCUMULATE, RETURN = "accumulate", "return"
 
 
-def _gradient_destination(node, index):
+def gradient_destination(node, index):
     """Where the running backward wants the gradient of input `index` (a leaf parameter) of `node`:
     ACCUMULATE when autograd would accumulate it into .grad (loss.backward(), or backward(inputs=...)
     naming it), RETURN when torch.autograd.grad asks for it, None when nobody wants it
@@ -76,9 +76,9 @@ class FusedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input = grad_output @ (weight.t() if ctx.transposed else weight)
         grad_weight = grad_bias = None
-        weight_destination = _gradient_destination(ctx, 1)
+        weight_destination = gradient_destination(ctx, 1)
         # next_functions has one entry per tensor argument: input, weight, then bias unless it is None.
-        bias_destination = None if bias_parameter is None else _gradient_destination(ctx, 2)
+        bias_destination = None if bias_parameter is None else gradient_destination(ctx, 2)
         if differentiable and ACCUMULATE in (weight_destination, bias_destination):
             raise RuntimeError(
                 "memengine fused Linear: backward(create_graph=True) would accumulate a differentiable weight "

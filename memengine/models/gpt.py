@@ -35,8 +35,13 @@ class GPT(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(width)
         self.head = torch.nn.Linear(width, vocab, bias=False)
 
-    def forward(self, tokens):
+    def hidden_states(self, tokens):
+        """The final hidden states, which the LM head turns into logits (memengine.causal_lm_loss takes the
+        loss from them without materialising the logits)."""
         x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, tokens):
+        return self.head(self.hidden_states(tokens))

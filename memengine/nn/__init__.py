@@ -2,7 +2,9 @@
 which swaps them into a model in place."""
 
 from memengine.nn.conv1d import Conv1DFusedMixin
+from memengine.nn.embedding import Embedding
 from memengine.nn.linear import Linear
+from memengine.nn.linear_cross_entropy import linear_cross_entropy
 from memengine.nn.patching import is_fused, patch, unpatch
 
-__all__ = ["Conv1DFusedMixin", "Linear", "is_fused", "patch", "unpatch"]
+__all__ = ["Conv1DFusedMixin", "Embedding", "Linear", "is_fused", "linear_cross_entropy", "patch", "unpatch"]

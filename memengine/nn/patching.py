@@ -14,6 +14,8 @@ import torch
 
 from memengine.grad import GradBuffer
 from memengine.nn.conv1d import Conv1DFusedMixin
+from memengine.nn.embedding import Embedding
+from memengine.nn.embedding import convertible as convertible_embedding
 from memengine.nn.linear import Linear
 
 _FUSED_CONV1D_CLASSES = {}  # original Conv1D class -> its fused subclass
@@ -29,6 +31,8 @@ def _fused_class(module):
     cls = type(module)
     if cls is torch.nn.Linear:
         return Linear
+    if convertible_embedding(module):
+        return Embedding
     if _is_hf_conv1d(module):
         if cls not in _FUSED_CONV1D_CLASSES:
             _FUSED_CONV1D_CLASSES[cls] = type("FusedConv1D", (Conv1DFusedMixin, cls), {})
@@ -76,9 +80,9 @@ def patch(model, bucket_bytes=None, bucket_multiple=1):
 
 
 def is_fused(module):
-    """Whether `module` runs memengine's fused backward (a patched nn.Linear or Hugging Face Conv1D): its weight
-    and bias gradients are accumulated in fp32 straight into the buffer, not produced by autograd."""
-    return isinstance(module, (Linear, Conv1DFusedMixin))
+    """Whether `module` runs memengine's fused backward (a patched nn.Linear, Hugging Face Conv1D or nn.Embedding):
+    its weight (and bias) gradients are accumulated in fp32 straight into the buffer, not produced by autograd."""
+    return isinstance(module, (Linear, Conv1DFusedMixin, Embedding))
 
 
 def unpatch(model):

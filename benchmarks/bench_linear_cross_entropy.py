@@ -1,0 +1,160 @@
+"""The vocabulary end of a training step: one micro-batch's forward, loss and backward on a patched bf16
+Llama-shaped model (Hugging Face, random weights, gradient checkpointing on), three ways, in one run:
+
+  hf       Hugging Face's own loss: model(input_ids, labels=labels).loss (bf16 logits, an fp32 copy, log-softmax)
+  logits   memengine.causal_lm_loss through the logits (what it did before the fused path: fp32 cross-entropy
+           over the model's bf16 logits)
+  fused    memengine.causal_lm_loss today: memengine.linear_cross_entropy over the final hidden states, logits
+           one bounded fp32 tile at a time, the head's gradient added into the fp32 buffer tile by tile
+
+Per vocabulary size it prints the step's transient peak (bytes the CPU allocator holds above what was live
+before the micro-batch: the profiler's memory events) and the time (median of interleaved repeats, as a ratio
+to hf), and the loss of each path (they agree to about 1e-5 relative). Then the loss kernel alone on the
+same shapes (hidden [tokens, H] and the head's weight): eager PyTorch (bf16 head, fp32 cross-entropy),
+torch.compile of the same, and memengine.linear_cross_entropy, forward and backward.
+
+  python benchmarks/bench_linear_cross_entropy.py [--vocab 32000 128256 256000 --tokens 512 --hidden 256]
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import memengine as me
+from memengine.engine import losses
+from memengine.segments.allocator_peak import peak_extra_bytes
+
+
+def llama(vocab, hidden, layers):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def step_functions(model, batch):
+    """{path: a function running one micro-batch's forward, loss and backward into the buffer; returns the loss}"""
+    buffer = me.patch(model)
+
+    def hf():
+        buffer.start_window()
+        output = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        output.loss.backward()
+        return float(output.loss)
+
+    def through(parts_of):
+        def run():
+            buffer.start_window()
+            recognised = losses.language_model_parts
+            losses.language_model_parts = parts_of
+            try:
+                loss, count = me.causal_lm_loss(model, batch)
+            finally:
+                losses.language_model_parts = recognised
+            (loss / count).backward()
+            return float(loss / count)
+
+        return run
+
+    return {"hf": hf, "logits": through(lambda model: None), "fused": through(losses.language_model_parts)}
+
+
+def interleaved_medians(functions, repeats):
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def kernel_functions(hidden, weight, labels):
+    """The loss kernel alone: eager bf16 head + fp32 cross-entropy, its torch.compile, and memengine's."""
+
+    def eager_math(h, w):
+        return F.cross_entropy((h @ w.t()).float(), labels, reduction="sum")
+
+    compiled_math = torch.compile(eager_math)
+
+    def run(loss_fn):
+        def call():
+            h = hidden.detach().requires_grad_()
+            w = weight.detach().requires_grad_()
+            loss_fn(h, w).backward()
+
+        return call
+
+    return {
+        "eager": run(eager_math),
+        "torch.compile": run(compiled_math),
+        "memengine": run(lambda h, w: me.linear_cross_entropy(h, w, labels)[0]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 256000])
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-kernel", action="store_true", help="skip the loss kernel alone")
+    args = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.tokens} tokens, hidden {args.hidden}"
+    )
+    print(f"{'vocab':>8} {'path':>7} {'transient peak MiB':>19} {'vs hf':>6} {'time vs hf':>10} {'loss':>10}")
+    for vocab in args.vocab:
+        model = llama(vocab, args.hidden, args.layers)
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, vocab, (1, args.tokens), generator=generator)
+        batch = {"input_ids": ids, "labels": ids}
+        functions = step_functions(model, batch)
+        values = {name: function() for name, function in functions.items()}  # warm up, and the losses
+        peaks = {name: peak_extra_bytes(function, torch.device("cpu")) for name, function in functions.items()}
+        times = interleaved_medians(functions, args.repeats)
+        for name in functions:
+            print(
+                f"{vocab:>8} {name:>7} {peaks[name] / 2**20:>19.1f} {peaks[name] / peaks['hf']:>6.3f} "
+                f"{times[name] / times['hf']:>10.2f} {values[name]:>10.6f}"
+            )
+        me.unpatch(model)
+        if args.no_kernel:
+            continue
+        head = model.lm_head.weight
+        hidden = torch.randn(args.tokens, args.hidden, dtype=torch.bfloat16, generator=generator)
+        labels = torch.randint(0, vocab, (args.tokens,), generator=generator)
+        kernels = kernel_functions(hidden, head, labels)
+        peaks = {name: peak_extra_bytes(function, torch.device("cpu")) for name, function in kernels.items()}
+        for function in kernels.values():
+            function()  # compile outside the timing
+        times = interleaved_medians(kernels, args.repeats)
+        for name in kernels:
+            print(
+                f"{vocab:>8} {'kernel ' + name:>22} peak {peaks[name] / 2**20:8.1f} MiB, time vs eager "
+                f"{times[name] / times['eager']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Linear + cross-entropy in bounded chunks: a language model's head and loss without vocabulary-sized logits.
+
+    loss_sum, tokens, lse = linear_cross_entropy_forward(hidden, weight, labels, ...)
+    grad_hidden = linear_cross_entropy_backward(grad_loss, hidden, weight, labels, lse, ..., weight_sink=...)
+
+Logits exist one tile at a time: `rows` tokens x `tile` vocabulary entries (fp32), both chosen from a byte
+bound (`chunk_bytes`, default CHUNK_BYTES), never the whole [tokens, vocabulary] matrix. Each tile's logits
+are computed with fp32 products and sums from fp32 copies of the operands (one weight tile and one row
+chunk at a time), and the softmax runs in fp32: nothing is rounded to bf16 on the way, unlike a bf16 lm_head
+whose logits are rounded before the loss. The forward keeps, per token, only the log-sum-exp; the backward
+recomputes each tile's logits (recompute-in-backward: the head's weight gradient must be scaled by the
+gradient of the loss, known only in backward, and go into the fp32 buffer with no vocabulary-sized
+temporary) and hands each tile's logit gradient to `weight_sink(rows of the weight, logit gradient, hidden
+rows)`, which accumulates the weight gradient (memengine's buffer: wgrad_accumulate_ into main_grad).
+
+Per token t with label y (tokens labelled ignore_index carry no loss and get no gradient), logits are
+z = transform(h_t W^T + b): times logit_scale, then, with softcap c, c * tanh(z / c) (Gemma 2's
+final_logit_softcapping). The loss is, as torch.nn.functional.cross_entropy(label_smoothing=eps) plus an
+optional z-loss: (1 - eps) (lse - z_y) + eps (lse - mean_v z_v) + z_loss * lse^2, summed over tokens.
+
+This is the pure-PyTorch form (and the reference the tests judge against); compiled kernels would replace
+the tile loop, not the contract.
+"""
+
+import torch
+
+CHUNK_BYTES = 16 * 2**20  # fp32 logits of one tile plus the weight tile's fp32 copy
+
+
+def tiling(tokens, vocabulary, hidden, chunk_bytes=None):
+    """(rows per chunk, vocabulary entries per tile): the weight tile's fp32 copy and the logits tile (fp32, and
+    its gradient in the backward) each about half of chunk_bytes."""
+    budget = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    if budget < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_bytes must be positive, got {chunk_bytes}")
+    tile = max(1, min(vocabulary, budget // (8 * max(hidden, 1))))
+    rows = max(1, min(max(tokens, 1), budget // (8 * tile)))
+    return rows, tile
+
+
+def check_arguments(hidden, weight, labels, bias, label_smoothing, softcap, logit_scale, z_loss):
+    """Raises ValueError/TypeError naming the argument and the fix."""
+    name = "linear_cross_entropy"
+    if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, labels)):
+        raise TypeError(f"{name}: hidden, weight and labels must be tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be [vocabulary, hidden], got shape {list(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}: hidden's last dimension must equal weight.shape[1] = {weight.shape[1]}, got hidden of shape "
+            f"{list(hidden.shape)}"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{name}: labels of shape {list(labels.shape)} must have hidden's shape without its last dimension, "
+            f"{list(hidden.shape[:-1])}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: labels must be int64 or int32 token ids, got {labels.dtype}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"{name}: hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],)):
+        raise ValueError(f"{name}: bias must be [vocabulary] = [{weight.shape[0]}], got {list(bias.shape)}")
+    for tensor_name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name}: {tensor_name} is on {t.device} but hidden is on {hidden.device}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be positive (or None), got {softcap}")
+    if not logit_scale > 0:
+        raise ValueError(f"{name}: logit_scale must be positive, got {logit_scale}")
+    if z_loss < 0:
+        raise ValueError(f"{name}: z_loss must be non-negative, got {z_loss}")
+
+
+def _logits(rows, weight_tile, bias_tile, logit_scale, softcap):
+    """(z, raw): transformed fp32 logits of a tile and, with a softcap, tanh's argument's derivative factor."""
+    raw = rows @ weight_tile.t()
+    if bias_tile is not None:
+        raw += bias_tile
+    if logit_scale != 1.0:
+        raw *= logit_scale
+    if softcap is None:
+        return raw, None
+    capped = torch.tanh(raw / softcap)
+    return capped * softcap, capped
+
+
+def _labels_in_tile(labels, start, end):
+    """(mask of rows whose label lies in [start, end), their column in the tile (0 elsewhere))."""
+    inside = (labels >= start) & (labels < end)
+    return inside, torch.where(inside, labels - start, 0)
+
+
+def linear_cross_entropy_forward(
+    hidden,
+    weight,
+    labels,
+    bias=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    softcap=None,
+    logit_scale=1.0,
+    z_loss=0.0,
+    chunk_bytes=None,
+):
+    """(loss sum: fp32 0-dim, number of tokens not labelled ignore_index: int64 0-dim, log-sum-exp per token:
+    fp32 [tokens]) of the flattened tokens. hidden [..., H], weight [V, H], labels [...], bias [V] or None."""
+    check_arguments(hidden, weight, labels, bias, label_smoothing, softcap, logit_scale, z_loss)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    tokens, vocabulary = labels.numel(), weight.shape[0]
+    rows, tile = tiling(tokens, vocabulary, hidden.shape[1], chunk_bytes)
+    lse = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    counted = labels != ignore_index
+    for r0 in range(0, tokens, rows):
+        r1 = min(tokens, r0 + rows)
+        chunk = hidden[r0:r1].to(torch.float32)
+        chunk_labels = labels[r0:r1]
+        # Online log-sum-exp over the vocabulary tiles, with the label's logit and (label smoothing) the sum.
+        running_max = torch.full((r1 - r0,), float("-inf"), device=hidden.device)
+        running_sum = torch.zeros(r1 - r0, device=hidden.device)
+        target = torch.zeros(r1 - r0, device=hidden.device)
+        logit_sum = torch.zeros(r1 - r0, device=hidden.device) if label_smoothing else None
+        for v0 in range(0, vocabulary, tile):
+            v1 = min(vocabulary, v0 + tile)
+            bias_tile = None if bias is None else bias[v0:v1].to(torch.float32)
+            z, _ = _logits(chunk, weight[v0:v1].to(torch.float32), bias_tile, logit_scale, softcap)
+            inside, column = _labels_in_tile(chunk_labels, v0, v1)
+            target += torch.where(inside, z.gather(1, column[:, None]).squeeze(1), 0.0)
+            if logit_sum is not None:
+                logit_sum += z.sum(1)
+            new_max = torch.maximum(running_max, z.max(dim=1).values)
+            # In place: the tile's logits are not needed any more, and a second tile-sized temporary would be.
+            running_sum = running_sum * torch.exp(running_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(1)
+            running_max = new_max
+        chunk_lse = running_max + torch.log(running_sum)
+        lse[r0:r1] = chunk_lse
+        per_token = (1.0 - label_smoothing) * (chunk_lse - target)
+        if label_smoothing:
+            per_token = per_token + label_smoothing * (chunk_lse - logit_sum / vocabulary)
+        if z_loss:
+            per_token = per_token + z_loss * chunk_lse * chunk_lse
+        loss_sum += torch.where(counted[r0:r1], per_token, 0.0).sum()
+    return loss_sum, counted.sum(), lse
+
+
+def linear_cross_entropy_backward(
+    grad_loss,
+    hidden,
+    weight,
+    labels,
+    lse,
+    bias=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    softcap=None,
+    logit_scale=1.0,
+    z_loss=0.0,
+    chunk_bytes=None,
+    weight_sink=None,
+    bias_sink=None,
+    need_hidden=True,
+):
+    """The gradient w.r.t. hidden (hidden's dtype and shape; None unless need_hidden) of grad_loss * loss_sum.
+    Tile by tile, weight_sink(first, start, end, logit gradient [rows, tile] fp32, hidden rows fp32) gets the
+    weight gradient's part for weight rows [start, end) (first: the first part of those rows in this call) and
+    bias_sink(first, start, end, logit gradient) the bias's; None: not wanted."""
+    shape = hidden.shape
+    hidden = hidden.reshape(-1, shape[-1])
+    labels = labels.reshape(-1)
+    tokens, vocabulary = labels.numel(), weight.shape[0]
+    rows, tile = tiling(tokens, vocabulary, hidden.shape[1], chunk_bytes)
+    grad_loss = grad_loss.to(torch.float32)
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    counted = labels != ignore_index
+    uniform = label_smoothing / vocabulary
+    for r0 in range(0, tokens, rows):
+        r1 = min(tokens, r0 + rows)
+        chunk = hidden[r0:r1].to(torch.float32)
+        chunk_labels = labels[r0:r1]
+        # d loss / d z = p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V, zero for ignored tokens; times
+        # the loss's gradient.
+        row_scale = torch.where(counted[r0:r1], grad_loss, 0.0)
+        chunk_lse = lse[r0:r1, None]
+        probability_scale = (1.0 + 2.0 * z_loss * lse[r0:r1]) * row_scale if z_loss else row_scale
+        for v0 in range(0, vocabulary, tile):
+            v1 = min(vocabulary, v0 + tile)
+            weight_tile = weight[v0:v1].to(torch.float32)
+            bias_tile = None if bias is None else bias[v0:v1].to(torch.float32)
+            z, capped = _logits(chunk, weight_tile, bias_tile, logit_scale, softcap)
+            grad = z.sub_(chunk_lse).exp_().mul_(probability_scale[:, None])  # in place: z becomes the gradient
+            if uniform:
+                grad -= uniform * row_scale[:, None]
+            inside, column = _labels_in_tile(chunk_labels, v0, v1)
+            grad.scatter_add_(1, column[:, None], (-(1.0 - label_smoothing) * row_scale * inside)[:, None])
+            if capped is not None:  # z = c tanh(s x / c): dz/dx = s (1 - tanh^2)
+                grad *= capped.mul_(capped).neg_().add_(1.0)
+            if logit_scale != 1.0:
+                grad *= logit_scale
+            if grad_hidden is not None:
+                grad_hidden[r0:r1].addmm_(grad, weight_tile)
+            if weight_sink is not None:
+                weight_sink(r0 == 0, v0, v1, grad, chunk)
+            if bias_sink is not None:
+                bias_sink(r0 == 0, v0, v1, grad)
+    return None if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(shape)
