@@ -53,7 +53,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
             def weight_sink(first, start, end, grad, rows):
-                grad_weight[start:end].addmm_(grad.t(), rows)
+                ops.wgrad_accumulate_(grad_weight[start:end], grad, rows)
 
         if bias_destination == ACCUMULATE and ctx.sink is not None:
             bias_overwrite = ctx.sink.claim(bias_parameter)

@@ -3,38 +3,43 @@
     loss_sum, tokens, lse = linear_cross_entropy_forward(hidden, weight, labels, ...)
     grad_hidden = linear_cross_entropy_backward(grad_loss, hidden, weight, labels, lse, ..., weight_sink=...)
 
-Logits exist one tile at a time: `rows` tokens x `tile` vocabulary entries (fp32), both chosen from a byte
-bound (`chunk_bytes`, default CHUNK_BYTES), never the whole [tokens, vocabulary] matrix. Each tile's logits
-are computed with fp32 products and sums from fp32 copies of the operands (one weight tile and one row
-chunk at a time), and the softmax runs in fp32: nothing is rounded to bf16 on the way, unlike a bf16 lm_head
-whose logits are rounded before the loss. The forward keeps, per token, only the log-sum-exp; the backward
-recomputes each tile's logits (recompute-in-backward: the head's weight gradient must be scaled by the
-gradient of the loss, known only in backward, and go into the fp32 buffer with no vocabulary-sized
-temporary) and hands each tile's logit gradient to `weight_sink(rows of the weight, logit gradient, hidden
-rows)`, which accumulates the weight gradient (memengine's buffer: wgrad_accumulate_ into main_grad).
+Logits exist one tile at a time: `tile` vocabulary entries x `rows` tokens, chosen from a byte bound
+(`chunk_bytes`, default CHUNK_BYTES), never the whole [tokens, vocabulary] matrix. Every matrix product is
+wgrad_accumulate_ (C (+)= G^T X: bf16/fp16 products summed in fp32, on its compiled CPU and CUDA kernels),
+with the tile kept transposed, [tile, rows], so that all three products take that form:
+    logits^T  = (W_tile^T)^T (hidden_rows^T)      G = W_tile^T [H, tile], X = hidden_rows^T [H, rows]
+    d hidden += (dz^T)^T W_tile                   G = dz^T [tile, rows],  X = W_tile [tile, H]
+    dW_tile  += dz^T hidden_rows                  G = dz [rows, tile],    X = hidden_rows [rows, H]
+The logits are therefore fp32-accurate (products of bf16 values are exact in fp32) and the softmax runs in
+fp32: nothing is rounded to bf16 on the way, unlike a bf16 lm_head whose logits are rounded before the loss.
+The logit gradient dz enters the two backward products in the operands' dtype when that is bf16 (rounded
+as a bf16 model's own logit gradient is; bf16 keeps fp32's exponent range) and in fp32 otherwise. The
+forward keeps, per token, only the log-sum-exp; the backward recomputes each tile's logits
+(recompute-in-backward: the head's weight gradient must be scaled by the gradient of the loss, known only
+in backward, and go into the fp32 buffer with no vocabulary-sized temporary) and hands each tile's logit
+gradient to `weight_sink`, which accumulates the weight gradient (memengine's buffer: into main_grad).
 
 Per token t with label y (tokens labelled ignore_index carry no loss and get no gradient), logits are
 z = transform(h_t W^T + b): times logit_scale, then, with softcap c, c * tanh(z / c) (Gemma 2's
 final_logit_softcapping). The loss is, as torch.nn.functional.cross_entropy(label_smoothing=eps) plus an
 optional z-loss: (1 - eps) (lse - z_y) + eps (lse - mean_v z_v) + z_loss * lse^2, summed over tokens.
-
-This is the pure-PyTorch form (and the reference the tests judge against); compiled kernels would replace
-the tile loop, not the contract.
 """
 
 import torch
 
-CHUNK_BYTES = 16 * 2**20  # fp32 logits of one tile plus the weight tile's fp32 copy
+from memengine.ops.functions import wgrad_accumulate_
+
+CHUNK_BYTES = 16 * 2**20  # one tile's fp32 logits and their gradient, with the operands' transposed copies
 
 
 def tiling(tokens, vocabulary, hidden, chunk_bytes=None):
-    """(rows per chunk, vocabulary entries per tile): the weight tile's fp32 copy and the logits tile (fp32, and
-    its gradient in the backward) each about half of chunk_bytes."""
+    """(rows per chunk, vocabulary entries per tile): the weight tile's transposed copy about a quarter of
+    chunk_bytes (at 4 bytes an element), the logits tile (fp32) and its gradient about half of it together."""
     budget = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     if budget < 1:
         raise ValueError(f"linear_cross_entropy: chunk_bytes must be positive, got {chunk_bytes}")
-    tile = max(1, min(vocabulary, budget // (8 * max(hidden, 1))))
-    rows = max(1, min(max(tokens, 1), budget // (8 * tile)))
+    tile = max(1, min(vocabulary, budget // (16 * max(hidden, 1))))
+    rows = max(1, min(max(tokens, 1), budget // (16 * tile)))
     return rows, tile
 
 
@@ -74,21 +79,28 @@ def check_arguments(hidden, weight, labels, bias, label_smoothing, softcap, logi
         raise ValueError(f"{name}: z_loss must be non-negative, got {z_loss}")
 
 
-def _logits(rows, weight_tile, bias_tile, logit_scale, softcap):
-    """(z, raw): transformed fp32 logits of a tile and, with a softcap, tanh's argument's derivative factor."""
-    raw = rows @ weight_tile.t()
+def _product_dtype(hidden, weight):
+    """The dtype the tiles' products take their operands in: theirs when they agree, else fp32."""
+    return hidden.dtype if hidden.dtype == weight.dtype else torch.float32
+
+
+def _logits(hidden_t, weight_tile, bias_tile, logit_scale, softcap, dtype):
+    """(z^T, capped): a tile's transformed fp32 logits, [tile, rows], from hidden_t = the rows' hidden states
+    transposed ([H, rows], `dtype`) and, with a softcap, tanh(logits / softcap) (its derivative's factor)."""
+    logits = torch.empty(weight_tile.shape[0], hidden_t.shape[1], dtype=torch.float32, device=hidden_t.device)
+    wgrad_accumulate_(logits, weight_tile.to(dtype).t().contiguous(), hidden_t, overwrite=True)
     if bias_tile is not None:
-        raw += bias_tile
+        logits += bias_tile.to(torch.float32)[:, None]
     if logit_scale != 1.0:
-        raw *= logit_scale
+        logits *= logit_scale
     if softcap is None:
-        return raw, None
-    capped = torch.tanh(raw / softcap)
+        return logits, None
+    capped = torch.tanh(logits / softcap)
     return capped * softcap, capped
 
 
 def _labels_in_tile(labels, start, end):
-    """(mask of rows whose label lies in [start, end), their column in the tile (0 elsewhere))."""
+    """(mask of rows whose label lies in [start, end), their label's index in the tile (0 elsewhere))."""
     inside = (labels >= start) & (labels < end)
     return inside, torch.where(inside, labels - start, 0)
 
@@ -112,12 +124,13 @@ def linear_cross_entropy_forward(
     labels = labels.reshape(-1)
     tokens, vocabulary = labels.numel(), weight.shape[0]
     rows, tile = tiling(tokens, vocabulary, hidden.shape[1], chunk_bytes)
+    dtype = _product_dtype(hidden, weight)
     lse = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     counted = labels != ignore_index
     for r0 in range(0, tokens, rows):
         r1 = min(tokens, r0 + rows)
-        chunk = hidden[r0:r1].to(torch.float32)
+        hidden_t = hidden[r0:r1].to(dtype).t().contiguous()
         chunk_labels = labels[r0:r1]
         # Online log-sum-exp over the vocabulary tiles, with the label's logit and (label smoothing) the sum.
         running_max = torch.full((r1 - r0,), float("-inf"), device=hidden.device)
@@ -126,15 +139,15 @@ def linear_cross_entropy_forward(
         logit_sum = torch.zeros(r1 - r0, device=hidden.device) if label_smoothing else None
         for v0 in range(0, vocabulary, tile):
             v1 = min(vocabulary, v0 + tile)
-            bias_tile = None if bias is None else bias[v0:v1].to(torch.float32)
-            z, _ = _logits(chunk, weight[v0:v1].to(torch.float32), bias_tile, logit_scale, softcap)
-            inside, column = _labels_in_tile(chunk_labels, v0, v1)
-            target += torch.where(inside, z.gather(1, column[:, None]).squeeze(1), 0.0)
+            bias_tile = None if bias is None else bias[v0:v1]
+            z, _ = _logits(hidden_t, weight[v0:v1], bias_tile, logit_scale, softcap, dtype)
+            inside, index = _labels_in_tile(chunk_labels, v0, v1)
+            target += torch.where(inside, z.gather(0, index[None, :]).squeeze(0), 0.0)
             if logit_sum is not None:
-                logit_sum += z.sum(1)
-            new_max = torch.maximum(running_max, z.max(dim=1).values)
+                logit_sum += z.sum(0)
+            new_max = torch.maximum(running_max, z.max(dim=0).values)
             # In place: the tile's logits are not needed any more, and a second tile-sized temporary would be.
-            running_sum = running_sum * torch.exp(running_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(1)
+            running_sum = running_sum * torch.exp(running_max - new_max) + z.sub_(new_max[None, :]).exp_().sum(0)
             running_max = new_max
         chunk_lse = running_max + torch.log(running_sum)
         lse[r0:r1] = chunk_lse
@@ -165,45 +178,50 @@ def linear_cross_entropy_backward(
     need_hidden=True,
 ):
     """The gradient w.r.t. hidden (hidden's dtype and shape; None unless need_hidden) of grad_loss * loss_sum.
-    Tile by tile, weight_sink(first, start, end, logit gradient [rows, tile] fp32, hidden rows fp32) gets the
-    weight gradient's part for weight rows [start, end) (first: the first part of those rows in this call) and
-    bias_sink(first, start, end, logit gradient) the bias's; None: not wanted."""
+    Tile by tile, weight_sink(first, start, end, dz [rows, tile], hidden rows [rows, H]) gets what the weight
+    rows [start, end) need (their gradient is dz^T @ hidden rows; first: the first part of those rows in
+    this call; both operands in one dtype, as wgrad_accumulate_ takes them) and bias_sink(first, start, end,
+    dz) the bias's (the sum of dz's rows); None: not wanted."""
     shape = hidden.shape
     hidden = hidden.reshape(-1, shape[-1])
     labels = labels.reshape(-1)
     tokens, vocabulary = labels.numel(), weight.shape[0]
     rows, tile = tiling(tokens, vocabulary, hidden.shape[1], chunk_bytes)
+    dtype = _product_dtype(hidden, weight)
+    # The logit gradient goes into the products in bf16 (as a bf16 model's own does); fp16 would underflow.
+    gradient_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     grad_loss = grad_loss.to(torch.float32)
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
     counted = labels != ignore_index
     uniform = label_smoothing / vocabulary
     for r0 in range(0, tokens, rows):
         r1 = min(tokens, r0 + rows)
-        chunk = hidden[r0:r1].to(torch.float32)
+        hidden_rows = hidden[r0:r1].to(dtype)
+        hidden_t = hidden_rows.t().contiguous()
         chunk_labels = labels[r0:r1]
         # d loss / d z = p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V, zero for ignored tokens; times
         # the loss's gradient.
         row_scale = torch.where(counted[r0:r1], grad_loss, 0.0)
-        chunk_lse = lse[r0:r1, None]
         probability_scale = (1.0 + 2.0 * z_loss * lse[r0:r1]) * row_scale if z_loss else row_scale
         for v0 in range(0, vocabulary, tile):
             v1 = min(vocabulary, v0 + tile)
-            weight_tile = weight[v0:v1].to(torch.float32)
-            bias_tile = None if bias is None else bias[v0:v1].to(torch.float32)
-            z, capped = _logits(chunk, weight_tile, bias_tile, logit_scale, softcap)
-            grad = z.sub_(chunk_lse).exp_().mul_(probability_scale[:, None])  # in place: z becomes the gradient
+            bias_tile = None if bias is None else bias[v0:v1]
+            z, capped = _logits(hidden_t, weight[v0:v1], bias_tile, logit_scale, softcap, dtype)
+            grad = z.sub_(lse[None, r0:r1]).exp_().mul_(probability_scale[None, :])  # in place: z becomes dz^T
             if uniform:
-                grad -= uniform * row_scale[:, None]
-            inside, column = _labels_in_tile(chunk_labels, v0, v1)
-            grad.scatter_add_(1, column[:, None], (-(1.0 - label_smoothing) * row_scale * inside)[:, None])
+                grad -= uniform * row_scale[None, :]
+            inside, index = _labels_in_tile(chunk_labels, v0, v1)
+            grad.scatter_add_(0, index[None, :], (-(1.0 - label_smoothing) * row_scale * inside)[None, :])
             if capped is not None:  # z = c tanh(s x / c): dz/dx = s (1 - tanh^2)
                 grad *= capped.mul_(capped).neg_().add_(1.0)
             if logit_scale != 1.0:
                 grad *= logit_scale
             if grad_hidden is not None:
-                grad_hidden[r0:r1].addmm_(grad, weight_tile)
+                wgrad_accumulate_(
+                    grad_hidden[r0:r1], grad.to(gradient_dtype), weight[v0:v1].to(gradient_dtype), overwrite=v0 == 0
+                )
             if weight_sink is not None:
-                weight_sink(r0 == 0, v0, v1, grad, chunk)
+                weight_sink(r0 == 0, v0, v1, grad.t().to(gradient_dtype).contiguous(), hidden_rows.to(gradient_dtype))
             if bias_sink is not None:
-                bias_sink(r0 == 0, v0, v1, grad)
+                bias_sink(r0 == 0, v0, v1, grad.t())
     return None if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(shape)
