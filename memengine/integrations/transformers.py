@@ -31,10 +31,13 @@ processes (DDP, FSDP, DeepSpeed: they reduce or shard .grad, not the buffer), fp
 with low-precision parameters, model_init (Trainer would build a new, unpatched model).
 """
 
+import functools
+
 import torch
 import transformers
 from accelerate.optimizer import AcceleratedOptimizer
 
+from memengine.engine.losses import causal_lm_loss, language_model_parts
 from memengine.engine.step_memory import MemoryReport, plan_step_memory
 from memengine.grad import MasterOptimizer
 from memengine.nn import patch
@@ -52,6 +55,7 @@ class Preparation:
         self.buffer, self.budget, self.blocks = buffer, budget, blocks
         self.optimizer = None
         self.memory_plan = None
+        self.loss_path = None  # which loss the last training micro-batch took (see _compute_loss)
         self._planning = False  # the planner's sample calls the model again: the hook must not plan twice
         self.planning_hook = None  # removed once the plan is made: later forwards pay nothing
 
@@ -64,13 +68,10 @@ class Preparation:
         return MemoryReport.from_plan(self.memory_plan)
 
     def plan_at_first_training_forward(self, model, args, kwargs):
-        """Forward pre-hook on the model: plans the step's memory with this very micro-batch."""
+        """Forward pre-hook on the model: plans the step's memory with this very micro-batch (when the loss is
+        the model's own; the fused loss plans from Trainer.compute_loss, see plan)."""
         if self._planning or not (model.training and torch.is_grad_enabled()):
             return
-        if self.optimizer is None:
-            raise RuntimeError(
-                "prepare(trainer, budget=): the model ran a training forward before Trainer built its optimizer"
-            )
 
         def sample():
             loss = model(*args, **kwargs).loss
@@ -81,12 +82,21 @@ class Preparation:
                 )
             return loss, 1
 
+        self.plan(model, sample, (args, kwargs))
+
+    def plan(self, model, sample, batch):
+        """Plans the step's memory (prepare(trainer, budget=)) once, measuring `sample` (a zero-argument call of
+        the micro-batch's loss as training computes it); a no-op without a budget or once planned."""
+        if self.budget is None or self.memory_plan is not None or self._planning:
+            return
+        if self.optimizer is None:
+            raise RuntimeError(
+                "prepare(trainer, budget=): the model ran a training forward before Trainer built its optimizer"
+            )
         blocks = self.blocks if self.blocks is not None else repeated_blocks(model)
         self._planning = True
         try:
-            self.memory_plan = plan_step_memory(
-                model, self.buffer, self.optimizer, blocks, self.budget, sample, batch=(args, kwargs)
-            )
+            self.memory_plan = plan_step_memory(model, self.buffer, self.optimizer, blocks, self.budget, sample, batch)
         finally:
             self._planning = False
         self.planning_hook.remove()
@@ -137,11 +147,39 @@ def prepare(trainer, *, budget=None, blocks=None):
     # builds the scheduler over self.optimizer, which is by then the MasterOptimizer (or, from the
     # second train() on, accelerate's wrapper around it, whose param_groups are the MasterOptimizer's).
     trainer.create_optimizer = create_optimizer
+    trainer.compute_loss = functools.partial(_compute_loss, trainer, preparation, trainer.compute_loss)
     if preparation.budget is not None:
         preparation.planning_hook = trainer.model.register_forward_pre_hook(
             preparation.plan_at_first_training_forward, with_kwargs=True
         )
     return preparation
+
+
+def _compute_loss(trainer, preparation, compute_loss, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """Trainer.compute_loss through memengine.causal_lm_loss's fused linear + cross-entropy (no logits) for the
+    causal LMs it recognises, with Hugging Face's value: the summed token loss over num_items_in_batch when
+    Trainer passes it (the model's own loss_kwargs semantics), else the mean over the micro-batch's tokens.
+    Trainer's own path for everything else: outputs wanted, a label smoother or compute_loss_func, no labels,
+    evaluation, or a model causal_lm_loss does not recognise (preparation.loss_path says which ran last)."""
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    fused = (
+        not return_outputs
+        and model.training
+        and torch.is_grad_enabled()
+        and trainer.label_smoother is None
+        and trainer.compute_loss_func is None
+        and "labels" in inputs
+        and language_model_parts(unwrapped) is not None
+    )
+    if not fused:
+        preparation.loss_path = "the model's own loss"
+        return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    preparation.loss_path = "fused linear cross-entropy"
+    preparation.plan(unwrapped, lambda: causal_lm_loss(unwrapped, inputs), inputs)  # the first time, with a budget
+    loss_sum, count = causal_lm_loss(unwrapped, inputs)
+    if num_items_in_batch is not None and trainer.model_accepts_loss_kwargs:
+        return loss_sum / num_items_in_batch
+    return loss_sum / count
 
 
 def _over_masters(optimizer, buffer):

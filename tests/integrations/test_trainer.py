@@ -62,7 +62,7 @@ def reference_trainer(model, args):
 
 def memengine_trainer(model, args):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=make_dataset())
-    prepare(trainer)
+    trainer.memengine_preparation = prepare(trainer)  # for the tests that look at what prepare() did
     return trainer
 
 
@@ -93,6 +93,8 @@ def test_trainer_tracks_the_fp32_master_recipe_and_logs_the_buffer_norm(kind, tm
     norms = spy_buffer_norms(trainer, me.patch(model))  # patch is idempotent: the buffer prepare() built
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, me.MasterOptimizer)
+    # Trainer's loss went through memengine's fused linear + cross-entropy (no logits), with HF's values.
+    assert trainer.memengine_preparation.loss_path == "fused linear cross-entropy"
     losses, expected = logged(trainer, "loss"), logged(reference, "loss")
     assert len(losses) == len(expected) == STEPS
     for step, (loss, want) in enumerate(zip(losses, expected, strict=True)):
