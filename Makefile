@@ -84,6 +84,7 @@ bench: build
 	$(PY) benchmarks/bench_plan.py
 	$(PY) benchmarks/bench_bytes_per_parameter.py
 	$(PY) benchmarks/bench_data_parallel.py
+	$(PY) benchmarks/bench_linear_cross_entropy.py
 
 # The demo's extras (torch-memengine[demo]): plots and a progress bar; without them it still prints the table.
 demo: build

@@ -11,7 +11,8 @@ Per vocabulary size it prints the step's transient peak (bytes the CPU allocator
 before the micro-batch: the profiler's memory events) and the time (median of interleaved repeats, as a ratio
 to hf), and the loss of each path (they agree to about 1e-5 relative). Then the loss kernel alone on the
 same shapes (hidden [tokens, H] and the head's weight): eager PyTorch (bf16 head, fp32 cross-entropy),
-torch.compile of the same, and memengine.linear_cross_entropy, forward and backward.
+torch.compile of the same (both return the head's gradient as a bf16 .grad), and memengine.linear_cross_entropy
+with the head's gradient going into its fp32 GradBuffer, forward and backward.
 
   python benchmarks/bench_linear_cross_entropy.py [--vocab 32000 128256 256000 --tokens 512 --hidden 256]
 """
@@ -104,11 +105,16 @@ def kernel_functions(hidden, weight, labels):
 
         return call
 
-    return {
-        "eager": run(eager_math),
-        "torch.compile": run(compiled_math),
-        "memengine": run(lambda h, w: me.linear_cross_entropy(h, w, labels)[0]),
-    }
+    # memengine as a patched model uses it: the head's gradient goes into its fp32 buffer (allocated before the
+    # measurement, as a GradBuffer is), not into a returned [vocabulary, hidden] tensor as eager's .grad.
+    head = torch.nn.Parameter(weight.detach().clone())
+    buffer = me.GradBuffer([head])
+
+    def memengine_call():
+        buffer.start_window()
+        me.linear_cross_entropy(hidden.detach().requires_grad_(), head, labels)[0].backward()
+
+    return {"eager": run(eager_math), "torch.compile": run(compiled_math), "memengine": memengine_call}
 
 
 def main():
