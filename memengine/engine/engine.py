@@ -31,7 +31,7 @@ from memengine.distributed import DEFAULT_BUCKET_BYTES
 from memengine.distributed.data_parallel import DataParallel
 from memengine.distributed.sharded_optimizer import SHARD_KEY, ShardedMasterOptimizer
 from memengine.engine.batches import covers, shape_signature, split_batch
-from memengine.engine.losses import causal_lm_loss
+from memengine.engine.losses import causal_lm_loss, loss_path
 from memengine.engine.step_memory import (
     MemoryReport,
     measure_step_peak,
@@ -145,6 +145,7 @@ class Engine:
         self.memory_plan = None  # the step_memory.StepMemoryPlan in use, made at the first step
         self._planned_signature = None  # the batch shapes memory_plan was made for (batches.shape_signature)
         self._plans = {}  # every plan made so far: shape signature -> (signature, StepMemoryPlan)
+        self._loss_path = None  # what the last step's loss went through (losses.loss_path)
         self._restored_plan = None  # the plan of a loaded state dict made with the same budget
         self._measured_peak = None  # (step number, bytes) of the last measured step
         self._steps = 0
@@ -288,11 +289,14 @@ class Engine:
                     "budget or measure_memory=True); pass a batch: engine.memory_report(batch, loss_fn)"
                 )
             micro_batches = split_batch(batch, self.micro_batch_size)
-            self._plan_memory(batch, micro_batches, loss_fn if loss_fn is not None else causal_lm_loss)
+            loss_fn = loss_fn if loss_fn is not None else causal_lm_loss
+            self._loss_path = loss_path(loss_fn, self.model)
+            self._plan_memory(batch, micro_batches, loss_fn)
         step, peak = self._measured_peak if self._measured_peak is not None else (None, None)
-        return MemoryReport.from_plan(self.memory_plan, measured_peak=peak, measured_step=step)
+        return MemoryReport.from_plan(self.memory_plan, measured_peak=peak, measured_step=step, loss=self._loss_path)
 
     def _step(self, batch, loss_fn):
+        self._loss_path = loss_path(loss_fn, self.model)
         data_parallel = self.data_parallel
         try:
             micro_batches = split_batch(batch, self.micro_batch_size)

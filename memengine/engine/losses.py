@@ -120,6 +120,16 @@ def language_model_parts(model):
     return LanguageModelParts(hidden_states, head, scale, getattr(config, "final_logit_softcapping", None))
 
 
+def loss_path(loss_fn, model):
+    """What a step's loss computes through, for engine.memory_report(): the fused linear + cross-entropy or the
+    logits (causal_lm_loss), or the user's loss_fn."""
+    if loss_fn is causal_lm_loss:
+        if language_model_parts(model) is not None:
+            return "causal_lm_loss: fused linear cross-entropy (no logits tensor)"
+        return "causal_lm_loss: through the logits (model not recognised for the fused loss)"
+    return f"loss_fn {getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}"
+
+
 def _labels_from_inputs(inputs):
     input_ids = inputs.get("input_ids")
     if not isinstance(input_ids, torch.Tensor):

@@ -183,13 +183,17 @@ class MemoryReport:
     plan: str
     measured_peak: int = None
     measured_step: int = None  # which step (1-based) measured_peak is from
+    loss: str = None  # which loss path the last step took (engine.losses.loss_path), when known
 
     @classmethod
-    def from_plan(cls, planned, measured_peak=None, measured_step=None):
+    def from_plan(cls, planned, measured_peak=None, measured_step=None, loss=None):
         """The report of a StepMemoryPlan, with the measured peak of a step when there is one."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("plan", "measured_peak", "measured_step")]
+        own = ("plan", "measured_peak", "measured_step", "loss")
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in own]
         values = {name: getattr(planned, name) for name in names}
-        return cls(**values, plan=planned.plan_summary(), measured_peak=measured_peak, measured_step=measured_step)
+        return cls(
+            **values, plan=planned.plan_summary(), measured_peak=measured_peak, measured_step=measured_step, loss=loss
+        )
 
     def breakdown(self):
         """(name, bytes) rows that sum to predicted_peak (the micro-batch's forward/backward and
@@ -235,6 +239,8 @@ class MemoryReport:
         ):
             rows.append(f"{name:<34} {value:>15,} {human_bytes(value):>11}")
         rows.append(f"plan: {self.plan}")
+        if self.loss is not None:
+            rows.append(f"loss: {self.loss}")
         return "\n".join(rows)
 
 

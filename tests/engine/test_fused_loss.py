@@ -121,3 +121,13 @@ def test_an_unrecognised_model_falls_back_to_the_logits():
     tokens = batch()["input_ids"]
     loss, _ = me.causal_lm_loss(model, tokens)
     assert loss.requires_grad
+
+
+def test_the_memory_report_says_which_loss_path_ran():
+    torch.manual_seed(0)
+    fused = me.Engine(GPT(vocab=VOCAB, width=32, layers=2, heads=2, length=24), torch.optim.SGD, micro_batch_size=2)
+    report = fused.memory_report(batch()["input_ids"])
+    assert "fused linear cross-entropy" in report.loss and f"loss: {report.loss}" in str(report)
+    wrapped = torch.nn.Sequential(GPT(vocab=VOCAB, width=32, layers=2, heads=2, length=24))
+    plain = me.Engine(wrapped, torch.optim.SGD, micro_batch_size=2)
+    assert "through the logits" in plain.memory_report(batch()["input_ids"]).loss
