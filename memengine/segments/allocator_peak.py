@@ -12,7 +12,8 @@ import torch
 
 @contextlib.contextmanager
 def _stderr_silenced():
-    """The profiler's C++ side logs start/stop lines to file descriptor 2; keep the table readable."""
+    """The profiler's C++ side logs start/stop lines to file descriptor 2; keep the table readable (around the
+    profiler's start and stop only, never around the measured call)."""
     saved = os.dup(2)
     with open(os.devnull, "w") as devnull:
         os.dup2(devnull.fileno(), 2)
@@ -33,8 +34,16 @@ def cpu_allocation_timeline(fn):
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    # Only the profiler's own start and stop are silenced: fn's output (a user's loss_fn printing or warning,
+    # memengine's own warnings) reaches stderr as it would without the measurement.
+    with _stderr_silenced():
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _stderr_silenced():
+            prof.__exit__(None, None, None)
     events = prof.profiler.kineto_results.events()
     timeline, live = [], 0
     for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):

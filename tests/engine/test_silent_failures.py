@@ -16,6 +16,7 @@ from token_batches import make_batch, summed_loss
 
 import memengine as me
 from memengine import ops
+from memengine.models.gpt import GPT
 
 
 class TinyLM(torch.nn.Module):
@@ -200,3 +201,22 @@ def test_grad_stats_in_pieces_equals_grad_stats_of_the_whole(values, cut):
     combined = ops.combine_grad_stats(ops.grad_stats_in_pieces([ops.grad_stats_(piece, 1.0) for piece in pieces]))
     assert torch.equal(combined[1], expected[1]), (combined, expected)
     torch.testing.assert_close(combined[0], expected[0], rtol=1e-6, atol=0)
+
+
+# -- measure_memory hides nothing (issue 19, item 4) -----------------------------------------------------------
+def test_measure_memory_lets_the_loss_fn_s_stderr_through(capfd):
+    """The CPU measurement runs the step under the profiler, whose start and stop lines are silenced; what the
+    step itself writes to file descriptor 2 (a loss_fn's prints, warnings) must still be seen."""
+    import os
+
+    def loss_fn(model, batch):
+        os.write(2, b"written by loss_fn\n")
+        return summed_loss(model, batch)
+
+    torch.manual_seed(0)
+    model = GPT(vocab=30, width=16, layers=2, heads=2, length=7)  # measure_memory plans over its blocks
+    engine = me.Engine(model, sgd(), micro_batch_size=3, measure_memory=True)
+    engine.step(make_batch(), loss_fn)
+    captured = capfd.readouterr().err
+    assert captured.count("written by loss_fn") == 3, captured  # the planning sample and two micro-batches
+    assert "profiler_start" not in captured
