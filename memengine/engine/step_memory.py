@@ -431,9 +431,9 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
 
     Call it before the step's first micro-batch: it runs the sample forward and backward once
     (with every block recomputed: the least memory) and reopens the buffer's accumulation window.
-    Raises ValueError naming the smallest feasible budget when `budget` is below it, before any
-    forward when the resident bytes and the optimizer step alone exceed it; the parameters and the
-    optimizer are never changed. A budget at or above the no-recompute peak keeps every block."""
+    Raises ValueError naming the smallest feasible budget (the planner's own, so a budget of that many
+    bytes plans and steps) when `budget` is below it, after the one measuring forward and backward;
+    the parameters and the optimizer are never changed. A budget at or above the no-recompute peak keeps every block."""
     blocks = list(blocks)
     device = buffer.data.device
     masters = optimizer.master_data
@@ -444,10 +444,9 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     resident_without_state = storage_bytes([*model.parameters(), *model.buffers(), buffer.data, masters, batch], device)
     other = resident_without_state - parameters - gradient_buffer - master_bytes - batch_bytes
     state, step_temporaries = predict_optimizer_step(optimizer, device)
-    floor = resident_without_state + state + step_temporaries
-    if budget is not None and floor > budget:
-        raise _infeasible(budget, floor, "the resident bytes and the optimizer step alone")
-
+    # Even when the resident bytes and the optimizer step alone exceed the budget, the micro-batch is measured
+    # first, so that the minimum the error quotes is the feasible one (the planner's own), not a lower bound
+    # that fails again when used (issue 19: "at least 60.63 MiB", then at 61 MiB "at least 62.69 MiB").
     chain, phases = measure_micro_batch(blocks, sample, buffer)
     micro_batch = MicroBatchModel(chain, phases, checkpoint_state_bytes(device), device)
 
@@ -476,7 +475,9 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
                 stacklevel=2,
             )
     elif budget < smallest:
-        raise _infeasible(budget, smallest, "every plan of the blocks")
+        floor = resident_without_state + state + step_temporaries
+        reason = "the resident bytes and the optimizer step alone" if floor > budget else "every plan of the blocks"
+        raise _infeasible(budget, smallest, reason)
     else:
         plan = _largest_fitting_plan(chain, whole, budget, least_blocks, no_recompute_peak, candidates)
     handle = None
@@ -522,8 +523,9 @@ def _largest_fitting_plan(chain, whole, budget, low, high, fallbacks):
 
 def _infeasible(budget, smallest, reason):
     return ValueError(
-        f"Engine: a whole-step memory budget of {budget:,} bytes ({human_bytes(budget)}) is too small: "
-        f"{reason} need at least {smallest:,} bytes ({human_bytes(smallest)}). The budget covers the whole "
+        f"Engine: a whole-step memory budget of {budget:,} bytes ({human_bytes(budget)}) is too small "
+        f"({reason} exceed it): the step needs at least {smallest:,} bytes ({human_bytes(smallest)}), its "
+        "smallest feasible peak with every block recomputed as the planner would. The budget covers the whole "
         "step (parameters, gradient buffer, masters, optimizer state, batch, activations); raise it to at least "
         "that, or lower micro_batch_size"
     )
