@@ -7,23 +7,10 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from token_batches import make_batch, summed_loss
+from token_batches import TinyLM, make_batch, summed_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memengine as me
-
-
-class TinyLM(torch.nn.Module):
-    def __init__(self, vocab=30, width=16):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, width)
-        self.mix = torch.nn.Linear(width, width)
-        self.norm = torch.nn.LayerNorm(width)
-        self.head = torch.nn.Linear(width, vocab)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        return self.head(self.norm(h + torch.tanh(self.mix(h))))
 
 
 def test_uneven_micro_batches_give_the_full_batch_gradient():

@@ -12,24 +12,11 @@ import functools
 
 import pytest
 import torch
-from token_batches import make_batch, summed_loss
+from token_batches import TinyLM, make_batch, summed_loss
 
 import memengine as me
 from memengine import ops
 from memengine.models.gpt import GPT
-
-
-class TinyLM(torch.nn.Module):
-    def __init__(self, vocab=30, width=16):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, width)
-        self.mix = torch.nn.Linear(width, width)
-        self.norm = torch.nn.LayerNorm(width)
-        self.head = torch.nn.Linear(width, vocab)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        return self.head(self.norm(h + torch.tanh(self.mix(h))))
 
 
 def tiny(dtype=torch.float32, seed=0):

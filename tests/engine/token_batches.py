@@ -1,4 +1,4 @@
-"""Token batches with padding and their summed loss, shared by the Engine tests."""
+"""Token batches with padding, their summed loss and a tiny language model, shared by the Engine tests."""
 
 import torch
 import torch.nn.functional as F
@@ -19,3 +19,18 @@ def make_batch(rows=6, length=7, seed=0):
     for row in range(rows):  # a different number of real tokens per row
         labels[row, length - row :] = -100
     return {"tokens": tokens, "labels": labels}
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, one fused Linear with a residual, LayerNorm and a head: every kind of gradient path."""
+
+    def __init__(self, vocab=30, width=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.head(self.norm(h + torch.tanh(self.mix(h))))
