@@ -12,7 +12,7 @@ from memengine.nn import linear_cross_entropy
 IGNORE_INDEX = -100  # the label of positions that carry no loss (padding, prompts), as torch and Hugging Face use
 
 
-def causal_lm_loss(model, micro_batch):
+def causal_lm_loss(model, micro_batch, fused=True):
     """(summed next-token cross-entropy, number of predicted tokens) of a causal language model.
 
     micro_batch: a tensor of token ids (every next token counts), or a Mapping such as a
@@ -31,7 +31,8 @@ def causal_lm_loss(model, micro_batch):
     LMs of FUSED_LOSS_MODEL_TYPES) the logits are never made: the loss is taken from the final
     hidden states and the head's weight by memengine.linear_cross_entropy (fp32 logits one bounded
     tile at a time; a patched head's gradient goes into its fp32 buffer), with the model's logit
-    scale and soft cap. Other models are called for their logits as above.
+    scale and soft cap. Other models are called for their logits as above, and so is every model with
+    fused=False (plain PyTorch's loss: what a comparison with the usual recipe must use).
     """
     if isinstance(micro_batch, torch.Tensor):
         labels, args, inputs = micro_batch, (micro_batch,), {}
@@ -45,7 +46,7 @@ def causal_lm_loss(model, micro_batch):
             "causal_lm_loss: a micro-batch must be a tensor of token ids or a Mapping with 'input_ids' "
             f"(and optionally 'labels'), got {type(micro_batch).__name__}"
         )
-    parts = language_model_parts(model)
+    parts = language_model_parts(model) if fused else None
     if parts is not None:
         hidden = parts.hidden_states(*args, **inputs)
         if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:

@@ -420,7 +420,8 @@ class PyTorchMethod:
         total_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # stays on the device
         loss_total = torch.zeros((), dtype=torch.float64, device=total_tokens.device)
         for micro_batch in micro_batches:
-            loss_sum, tokens = causal_lm_loss(self.model, micro_batch)
+            # The usual recipe's loss, through the logits (never memengine's fused loss, whatever the model).
+            loss_sum, tokens = causal_lm_loss(self.model, micro_batch, fused=False)
             if self.token_normalised:
                 loss = loss_sum / total_tokens
             else:  # each micro-batch's mean, over the number of micro-batches, as the articles do it
