@@ -72,6 +72,7 @@ def add_arguments(parser):
         ("--hidden", "width"),
         ("--heads", "attention heads"),
         ("--seq", "sequence length (tokens are bytes)"),
+        ("--vocab", "the model's vocabulary (the bytes are its ids 0-255)"),
         ("--batch", "rows per optimizer step"),
         ("--micro-batch", "rows per micro-batch (rows 2-6)"),
         ("--steps", f"optimizer steps per method (at least {demo.MIN_STEPS})"),
@@ -96,7 +97,7 @@ def add_arguments(parser):
 def make_config(args):
     """The DemoConfig of the parsed flags (--quick fills the sizes not given); ValueError naming a bad flag."""
     sizes = {**(demo.QUICK if args.quick else {})}
-    for name in ("layers", "hidden", "heads", "seq", "batch", "micro_batch", "steps"):
+    for name in ("layers", "hidden", "heads", "seq", "vocab", "batch", "micro_batch", "steps"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     config = demo.DemoConfig(

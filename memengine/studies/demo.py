@@ -18,7 +18,10 @@ fp32 for the step, row 4's gradients are fp32 already), so rows differ in how gr
 and kept, not in the optimizer. --dtype fp32 needs no masters: every row steps the parameters.
 
 Data: the embedded corpus is the bytes of memengine's own Python sources (nothing is downloaded, no
-data file ships for it); tokens are bytes (vocabulary 256). Every row of a batch is a window of the
+data file ships for it); tokens are bytes, the ids 0-255 of a model vocabulary of --vocab entries (default
+256; --vocab 32000 gives the embedding and the LM head a real model's size: measured on a 2-core AMD EPYC,
+that default model's step is then dominated by its optimizer step, 398.6 MiB for rows 4-6 alike, and
+row 6 has nothing left to plan). Every row of a batch is a window of the
 corpus of random length, padded (labels -100) to the sequence length, so micro-batches hold
 different numbers of tokens: that is where "each micro-batch's mean / number of micro-batches"
 (row 2) differs from the full batch's mean over its tokens (the oracle, rows 1, 4, 5, 6).
@@ -64,7 +67,7 @@ from memengine.models import GPT
 from memengine.segments import parse_bytes, repeated_blocks
 from memengine.segments.allocator_peak import peak_extra_bytes
 
-VOCABULARY = 256  # byte-level tokens
+BYTE_VALUES = 256  # the tokens are bytes: ids 0-255 of the model's vocabulary
 IGNORE_INDEX = -100
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELS = ("gpt", "gpt2", "llama")
@@ -108,6 +111,7 @@ class DemoConfig:
     hidden: int = 256
     heads: int = 4
     seq: int = 128
+    vocab: int = BYTE_VALUES
     batch: int = 8
     micro_batch: int = 1
     steps: int = 10
@@ -122,6 +126,11 @@ class DemoConfig:
             (self.hidden < 1, "--hidden", f"must be positive, got {self.hidden}"),
             (self.heads < 1, "--heads", f"must be positive, got {self.heads}"),
             (self.seq < 2, "--seq", f"must be at least 2 (a token and the next one), got {self.seq}"),
+            (
+                self.vocab < BYTE_VALUES,
+                "--vocab",
+                f"must be at least {BYTE_VALUES} (the tokens are bytes), got {self.vocab}",
+            ),
             (self.batch < 1, "--batch", f"must be positive, got {self.batch}"),
             (self.micro_batch < 1, "--micro-batch", f"must be positive, got {self.micro_batch}"),
             (self.steps < MIN_STEPS, "--steps", f"must be at least {MIN_STEPS}, got {self.steps}"),
@@ -266,33 +275,33 @@ def token_count(batch):
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-class InputIdsModel(torch.nn.Module):
-    """The GPT fixture called as Hugging Face models are: model(input_ids=...) -> logits."""
+class InputIdsGPT(GPT):
+    """The GPT fixture called as Hugging Face models are: model(input_ids=...) -> logits (and its final hidden
+    states the same way, for memengine.causal_lm_loss's fused loss)."""
 
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
+    def hidden_states(self, input_ids):
+        return super().hidden_states(input_ids)
 
     def forward(self, input_ids):
-        return self.gpt(input_ids)
+        return super().forward(input_ids)
 
 
 def build_model(config):
     """The model in the config's dtype and device, initialised from config.seed (dropout off)."""
     torch.manual_seed(config.seed)
     if config.model == "gpt":
-        model = InputIdsModel(GPT(VOCABULARY, config.hidden, config.layers, config.heads, config.seq))
+        model = InputIdsGPT(config.vocab, config.hidden, config.layers, config.heads, config.seq)
     elif config.model == "gpt2":
         import transformers
 
         model = transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
-                vocab_size=VOCABULARY,
+                vocab_size=config.vocab,
                 n_positions=config.seq,
                 n_embd=config.hidden,
                 n_layer=config.layers,
                 n_head=config.heads,
-                bos_token_id=0,  # GPT-2's 50256 is outside the byte vocabulary
+                bos_token_id=0,  # GPT-2's 50256 may be outside --vocab
                 eos_token_id=0,
                 resid_pdrop=0.0,
                 embd_pdrop=0.0,
@@ -305,7 +314,7 @@ def build_model(config):
 
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(
-                vocab_size=VOCABULARY,
+                vocab_size=config.vocab,
                 hidden_size=config.hidden,
                 intermediate_size=4 * config.hidden,
                 num_hidden_layers=config.layers,
