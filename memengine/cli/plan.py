@@ -1,6 +1,8 @@
 """`python -m memengine plan`: plans a GPT-style decoder of any size on the meta device (nothing
 is allocated) for an activation budget, and prints the plan next to the usual baselines."""
 
+import sys
+
 import torch
 
 from memengine import plan
@@ -19,13 +21,46 @@ def add_arguments(parser):
     parser.add_argument("--method", default="optimal", choices=plan.METHODS)
 
 
+def check(args):
+    """The budget in bytes; ValueError("--flag ...: ...") naming the first flag the plan cannot use."""
+    problems = [
+        (args.layers < 1, "--layers", f"must be at least 1, got {args.layers}"),
+        (args.hidden < 1, "--hidden", f"must be positive, got {args.hidden}"),
+        (args.heads < 1, "--heads", f"must be positive, got {args.heads}"),
+        (
+            args.heads >= 1 and args.hidden % args.heads != 0,
+            "--heads",
+            f"{args.heads} does not divide --hidden {args.hidden}",
+        ),
+        (args.seq < 1, "--seq", f"must be positive, got {args.seq}"),
+        (args.micro_batch < 1, "--micro-batch", f"must be positive, got {args.micro_batch}"),
+    ]
+    for failed, flag, message in problems:
+        if failed:
+            raise ValueError(f"{flag} {message}")
+    try:
+        budget = parse_bytes(args.budget)
+    except ValueError:
+        raise ValueError(
+            f"--budget {args.budget}: give a size of the blocks' activations, such as 24GiB or 512MiB"
+        ) from None
+    if budget <= 0:
+        raise ValueError(f"--budget {args.budget}: must be positive")
+    return budget
+
+
 def run(args):
+    """Prints the plan; returns the exit status (2 with one line naming the flag for a value it cannot use)."""
+    try:
+        budget = check(args)
+    except ValueError as error:
+        print(f"python -m memengine plan: error: {error}", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype)
     with torch.device("meta"):
         blocks = [Block(args.hidden, args.heads).to(dtype) for _ in range(args.layers)]
         sample = torch.empty(args.micro_batch, args.seq, args.hidden, dtype=dtype, requires_grad=True)
     chain = plan.profile(blocks, sample)
-    budget = parse_bytes(args.budget)
     parameters = sum(p.numel() for b in blocks for p in b.parameters())
     print(
         f"{args.layers} blocks, hidden {args.hidden}, {args.heads} heads, sequence {args.seq}, micro-batch "
