@@ -1,6 +1,6 @@
 """The package layout of DESIGN.md, checked on the source: each layer imports only the layers
 below it, nothing imports the command line, no module uses another module's private names, and
-no test imports a benchmark."""
+no test imports a benchmark, and test files have unique names."""
 
 import ast
 import pathlib
@@ -80,3 +80,14 @@ def test_no_test_imports_a_benchmark():
     for path in (ROOT / "tests").rglob("*.py"):
         for module, _ in _imports(path):
             assert module.split(".")[0] not in benchmarks, f"{path.name} imports the benchmark {module}"
+
+
+def test_test_modules_have_unique_file_names():
+    """pytest imports the tests (rootdir imports, no __init__.py) by their file name: two test files of the same
+    name in different folders stop the whole run at collection ("import file mismatch")."""
+    seen = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.name != "conftest.py":
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    repeated = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not repeated, f"test files with the same name: {repeated}"
