@@ -1,6 +1,6 @@
 """The package layout of DESIGN.md, checked on the source: each layer imports only the layers
-below it, nothing imports the command line, no module uses another module's private names, and
-no test imports a benchmark, and test files have unique names."""
+below it, nothing imports the command line, no module uses another module's private names, no test
+imports a benchmark, and test files have unique names."""
 
 import ast
 import pathlib
