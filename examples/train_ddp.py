@@ -11,6 +11,7 @@ Needs only torch and memengine.
 
 import argparse
 import functools
+import gc
 import os
 
 import torch
@@ -96,6 +97,11 @@ def main():
         if rank == 0:
             torch.save(state, args.save)  # loads into an Engine on any number of ranks, or a single process
             print(f"saved {args.save}", flush=True)
+    # The Engine holds the process group (its reducer and ZeRO-1 optimizer): drop it before destroying the group,
+    # so that gloo's objects are not torn down at interpreter exit instead (seen: an abort, "terminate called
+    # without an active exception", after a successful run).
+    del engine
+    gc.collect()
     dist.destroy_process_group()
 
 

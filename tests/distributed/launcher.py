@@ -16,6 +16,7 @@ the start are killed and the call fails naming them, so a hang fails the test in
 """
 
 import datetime
+import gc
 import os
 import queue
 import tempfile
@@ -75,6 +76,7 @@ def _rank_main(rank, world, store_path, fn, args, results, env, group_timeout):
         try:
             value = fn(rank, world, *args)
         finally:
+            gc.collect()  # Engines in reference cycles hold the group: free them before it is destroyed
             dist.destroy_process_group()
         results.put((rank, "ok", portable(value)))
     except BaseException:
