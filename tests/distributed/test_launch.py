@@ -3,6 +3,7 @@ running examples/train_ddp.py, the example also as a plain single process, and t
 Each launch has a timeout, so a hang fails the test."""
 
 import functools
+import gc
 import importlib.util
 import math
 import os
@@ -101,13 +102,20 @@ def _spawned_rank(rank, world, port, directory):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     try:
-        model = make_model()
-        trainer = sgd_engine(model, process_group=dist.group.WORLD)
-        for step in range(STEPS):
-            trainer.step(rank_batch(global_batch(step, world * ROWS_PER_RANK), rank, world), summed_loss)
-        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(directory, f"rank{rank}.pt"))
+        _train_spawned_rank(rank, world, directory)
     finally:
+        # The Engine holds the process group; it is gone (collected) before the group is destroyed, so that gloo's
+        # objects are not torn down at interpreter exit instead (seen: an abort after a successful run).
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _train_spawned_rank(rank, world, directory):
+    model = make_model()
+    trainer = sgd_engine(model, process_group=dist.group.WORLD)
+    for step in range(STEPS):
+        trainer.step(rank_batch(global_batch(step, world * ROWS_PER_RANK), rank, world), summed_loss)
+    torch.save([p.detach().clone() for p in model.parameters()], os.path.join(directory, f"rank{rank}.pt"))
 
 
 def sgd_engine(model, **options):
