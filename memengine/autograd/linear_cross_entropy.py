@@ -22,7 +22,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss_sum, count, lse = linear_cross_entropy_forward(hidden, weight, labels, bias, **options)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.parameters = (weight, bias)  # the Parameters themselves: the sink needs their main_grad
-        ctx.bias = bias
         ctx.options, ctx.sink = options, sink
         ctx.mark_non_differentiable(count)
         return loss_sum, count
@@ -63,7 +62,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 ops.bias_grad_accumulate_(bias_parameter.main_grad[start:end], grad, overwrite=bias_overwrite and first)
 
         elif bias_destination is not None:
-            grad_bias = torch.zeros(ctx.bias.shape, dtype=torch.float32, device=weight.device)
+            grad_bias = torch.zeros(bias_parameter.shape, dtype=torch.float32, device=weight.device)
 
             def bias_sink(first, start, end, grad):
                 grad_bias[start:end] += grad.sum(0)
@@ -74,7 +73,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             weight,
             labels,
             lse,
-            ctx.bias,
+            bias_parameter,
             weight_sink=weight_sink,
             bias_sink=bias_sink,
             need_hidden=ctx.needs_input_grad[0],
@@ -85,5 +84,5 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias.dtype)
+            grad_bias = grad_bias.to(bias_parameter.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None

@@ -289,9 +289,9 @@ class MasterOptimizer(torch.optim.Optimizer):
     # The masters are the truth the optimizer steps; the low-precision parameters are written from them. A
     # parameter changed by anything else after that (model.load_state_dict, an init function, an in-place edit
     # under torch.no_grad, a .data assignment) would be overwritten from stale masters by the next step, even
-    # at lr 0. So the (version counter, data pointer) of each low-precision parameter is recorded whenever the
-    # masters are written into it, and a parameter that differs at the next step or state_dict() has its master
-    # re-derived from it: the changed weights win, as they do in plain PyTorch. An in-place edit of
+    # at lr 0. So the (version counter, data pointer) of every parameter is recorded whenever the optimizer has
+    # stepped or written it, and a low-precision parameter that differs at the next step or state_dict() has its
+    # master re-derived from it: the changed weights win, as they do in plain PyTorch. An in-place edit of
     # `parameter.data` bumps no version counter and keeps the pointer: call refresh_masters() after one.
     def _record_weights(self):
         # Every parameter of the buffer, fp32 ones (their own masters) and those a ZeRO-1 rank holds no piece of
