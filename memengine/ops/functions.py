@@ -5,7 +5,16 @@ import torch
 from memengine.ops import backend as backend_selection
 from memengine.ops import reference
 
-OPS = ("accumulate_", "multi_accumulate_", "wgrad_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_")
+OPS = (
+    "accumulate_",
+    "multi_accumulate_",
+    "wgrad_accumulate_",
+    "bias_grad_accumulate_",
+    "grad_stats_",
+    "clip_",
+    "cross_entropy_tile_forward_",
+    "cross_entropy_tile_backward_",
+)
 
 
 _implementations = {}
@@ -130,3 +139,70 @@ def clip_(flat, stats, max_norm):
     the step will be skipped) or stats[0] is not finite; then flat is left as it is. Reads
     `stats` on the device: no host synchronisation."""
     _run("clip_", flat.device.type, flat, stats, float(max_norm))
+
+
+def cross_entropy_tile_forward_(
+    logits, labels, start, running_max, running_sum, target, logit_sum=None, bias=None, logit_scale=1.0, softcap=None
+):
+    """One vocabulary tile of a cross-entropy's forward, in place; returns None.
+
+    logits: float32 [tile, rows], contiguous: the raw logits of vocabulary entries [start, start + tile) for
+    `rows` tokens, transposed. It is overwritten with the transformed logits z = (logits + bias) * logit_scale,
+    then softcap * tanh(z / softcap) with a softcap (Gemma 2's final_logit_softcapping). labels: int64 [rows]
+    (a label outside the tile, ignore_index included, picks nothing here). Per row (float32 [rows], contiguous):
+    target += the label's z when the label lies in the tile; logit_sum += the sum of z (unless None); the tile's
+    log-sum-exp is merged into (running_max, running_sum), the online log-sum-exp over the tiles. bias: float32
+    [tile] or None. Formulas: csrc/include/memengine/cross_entropy_tile.h.
+    """
+    _run(
+        "cross_entropy_tile_forward_",
+        logits.device.type,
+        logits,
+        bias,
+        labels,
+        int(start),
+        float(logit_scale),
+        float(softcap or 0.0),
+        running_max,
+        running_sum,
+        target,
+        logit_sum,
+    )
+
+
+def cross_entropy_tile_backward_(
+    logits,
+    labels,
+    start,
+    lse,
+    probability_scale,
+    row_scale,
+    uniform=0.0,
+    target_weight=1.0,
+    bias=None,
+    logit_scale=1.0,
+    softcap=None,
+):
+    """One vocabulary tile of a cross-entropy's backward, in place; returns None.
+
+    logits (raw, float32 [tile, rows], contiguous, as cross_entropy_tile_forward_ takes them) is overwritten with
+    the gradient of the loss w.r.t. them: (exp(z - lse) * probability_scale - uniform * row_scale - [label]
+    target_weight * row_scale) times the transform's derivative. Per row (float32 [rows]): lse, the token's
+    log-sum-exp; row_scale, the loss's gradient for the token (0: ignored); probability_scale, row_scale times
+    (1 + 2 z_loss lse) with a z-loss. uniform = label_smoothing / vocabulary, target_weight = 1 - label_smoothing.
+    """
+    _run(
+        "cross_entropy_tile_backward_",
+        logits.device.type,
+        logits,
+        bias,
+        labels,
+        int(start),
+        float(logit_scale),
+        float(softcap or 0.0),
+        lse,
+        probability_scale,
+        row_scale,
+        float(uniform),
+        float(target_weight),
+    )

@@ -18,6 +18,9 @@ forward keeps, per token, only the log-sum-exp; the backward recomputes each til
 (recompute-in-backward: the head's weight gradient must be scaled by the gradient of the loss, known only
 in backward, and go into the fp32 buffer with no vocabulary-sized temporary) and hands each tile's logit
 gradient to `weight_sink`, which accumulates the weight gradient (memengine's buffer: into main_grad).
+Everything between the products is one op per tile: cross_entropy_tile_forward_ (transform, online
+log-sum-exp, the label's logit) and cross_entropy_tile_backward_ (the logit gradient, in place), with
+compiled CPU, CUDA and Triton kernels.
 
 Per token t with label y (tokens labelled ignore_index carry no loss and get no gradient), logits are
 z = transform(h_t W^T + b): times logit_scale, then, with softcap c, c * tanh(z / c) (Gemma 2's
@@ -27,7 +30,7 @@ optional z-loss: (1 - eps) (lse - z_y) + eps (lse - mean_v z_v) + z_loss * lse^2
 
 import torch
 
-from memengine.ops.functions import wgrad_accumulate_
+from memengine.ops.functions import cross_entropy_tile_backward_, cross_entropy_tile_forward_, wgrad_accumulate_
 
 CHUNK_BYTES = 16 * 2**20  # one tile's fp32 logits and their gradient, with the operands' transposed copies
 
@@ -84,25 +87,32 @@ def _product_dtype(hidden, weight):
     return hidden.dtype if hidden.dtype == weight.dtype else torch.float32
 
 
-def _logits(hidden_t, weight_tile, bias_tile, logit_scale, softcap, dtype):
-    """(z^T, capped): a tile's transformed fp32 logits, [tile, rows], from hidden_t = the rows' hidden states
-    transposed ([H, rows], `dtype`) and, with a softcap, tanh(logits / softcap) (its derivative's factor)."""
+def _raw_logits(hidden_t, weight_tile, dtype):
+    """A tile's raw fp32 logits, transposed ([tile, rows]), from hidden_t = the rows' hidden states transposed
+    ([H, rows], `dtype`): products of `dtype` values summed in fp32 (wgrad_accumulate_)."""
     logits = torch.empty(weight_tile.shape[0], hidden_t.shape[1], dtype=torch.float32, device=hidden_t.device)
     wgrad_accumulate_(logits, weight_tile.to(dtype).t().contiguous(), hidden_t, overwrite=True)
-    if bias_tile is not None:
-        logits += bias_tile.to(torch.float32)[:, None]
-    if logit_scale != 1.0:
-        logits *= logit_scale
-    if softcap is None:
-        return logits, None
-    capped = torch.tanh(logits / softcap)
-    return capped * softcap, capped
+    return logits
 
 
-def _labels_in_tile(labels, start, end):
-    """(mask of rows whose label lies in [start, end), their label's index in the tile (0 elsewhere))."""
-    inside = (labels >= start) & (labels < end)
-    return inside, torch.where(inside, labels - start, 0)
+def _bias_tile(bias, start, end):
+    return None if bias is None else bias[start:end].to(torch.float32)
+
+
+def _token_labels(labels, vocabulary, ignore_index, counted):
+    """labels flattened as int64. A counted label outside [0, vocabulary) raises (torch's cross_entropy does too;
+    it would otherwise pick no logit and give a wrong loss): on the CPU at once; on an accelerator, where the
+    check would wait for the device, the token's loss is made NaN instead, which every training loop (memengine's
+    Engine included) reports as a non-finite loss."""
+    labels = labels.reshape(-1).to(torch.int64)
+    invalid = counted & ((labels < 0) | (labels >= vocabulary))
+    if labels.device.type == "cpu" and bool(invalid.any()):
+        bad = labels[invalid][0].item()
+        raise ValueError(
+            f"linear_cross_entropy: label {bad} is outside the vocabulary [0, {vocabulary}) and is not ignore_index "
+            f"({ignore_index})"
+        )
+    return labels, invalid
 
 
 def linear_cross_entropy_forward(
@@ -121,13 +131,13 @@ def linear_cross_entropy_forward(
     fp32 [tokens]) of the flattened tokens. hidden [..., H], weight [V, H], labels [...], bias [V] or None."""
     check_arguments(hidden, weight, labels, bias, label_smoothing, softcap, logit_scale, z_loss)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
     tokens, vocabulary = labels.numel(), weight.shape[0]
+    counted = labels.reshape(-1) != ignore_index
+    labels, invalid = _token_labels(labels, vocabulary, ignore_index, counted)
     rows, tile = tiling(tokens, vocabulary, hidden.shape[1], chunk_bytes)
     dtype = _product_dtype(hidden, weight)
     lse = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    counted = labels != ignore_index
     for r0 in range(0, tokens, rows):
         r1 = min(tokens, r0 + rows)
         hidden_t = hidden[r0:r1].to(dtype).t().contiguous()
@@ -139,16 +149,18 @@ def linear_cross_entropy_forward(
         logit_sum = torch.zeros(r1 - r0, device=hidden.device) if label_smoothing else None
         for v0 in range(0, vocabulary, tile):
             v1 = min(vocabulary, v0 + tile)
-            bias_tile = None if bias is None else bias[v0:v1]
-            z, _ = _logits(hidden_t, weight[v0:v1], bias_tile, logit_scale, softcap, dtype)
-            inside, index = _labels_in_tile(chunk_labels, v0, v1)
-            target += torch.where(inside, z.gather(0, index[None, :]).squeeze(0), 0.0)
-            if logit_sum is not None:
-                logit_sum += z.sum(0)
-            new_max = torch.maximum(running_max, z.max(dim=0).values)
-            # In place: the tile's logits are not needed any more, and a second tile-sized temporary would be.
-            running_sum = running_sum * torch.exp(running_max - new_max) + z.sub_(new_max[None, :]).exp_().sum(0)
-            running_max = new_max
+            cross_entropy_tile_forward_(
+                _raw_logits(hidden_t, weight[v0:v1], dtype),
+                chunk_labels,
+                v0,
+                running_max,
+                running_sum,
+                target,
+                logit_sum,
+                bias=_bias_tile(bias, v0, v1),
+                logit_scale=logit_scale,
+                softcap=softcap,
+            )
         chunk_lse = running_max + torch.log(running_sum)
         lse[r0:r1] = chunk_lse
         per_token = (1.0 - label_smoothing) * (chunk_lse - target)
@@ -156,6 +168,7 @@ def linear_cross_entropy_forward(
             per_token = per_token + label_smoothing * (chunk_lse - logit_sum / vocabulary)
         if z_loss:
             per_token = per_token + z_loss * chunk_lse * chunk_lse
+        per_token = torch.where(invalid[r0:r1], float("nan"), per_token)
         loss_sum += torch.where(counted[r0:r1], per_token, 0.0).sum()
     return loss_sum, counted.sum(), lse
 
@@ -184,38 +197,39 @@ def linear_cross_entropy_backward(
     dz) the bias's (the sum of dz's rows); None: not wanted."""
     shape = hidden.shape
     hidden = hidden.reshape(-1, shape[-1])
-    labels = labels.reshape(-1)
     tokens, vocabulary = labels.numel(), weight.shape[0]
+    counted = labels.reshape(-1) != ignore_index
+    labels = labels.reshape(-1).to(torch.int64)
     rows, tile = tiling(tokens, vocabulary, hidden.shape[1], chunk_bytes)
     dtype = _product_dtype(hidden, weight)
     # The logit gradient goes into the products in bf16 (as a bf16 model's own does); fp16 would underflow.
     gradient_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     grad_loss = grad_loss.to(torch.float32)
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    counted = labels != ignore_index
-    uniform = label_smoothing / vocabulary
     for r0 in range(0, tokens, rows):
         r1 = min(tokens, r0 + rows)
         hidden_rows = hidden[r0:r1].to(dtype)
         hidden_t = hidden_rows.t().contiguous()
-        chunk_labels = labels[r0:r1]
         # d loss / d z = p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V, zero for ignored tokens; times
         # the loss's gradient.
         row_scale = torch.where(counted[r0:r1], grad_loss, 0.0)
         probability_scale = (1.0 + 2.0 * z_loss * lse[r0:r1]) * row_scale if z_loss else row_scale
         for v0 in range(0, vocabulary, tile):
             v1 = min(vocabulary, v0 + tile)
-            bias_tile = None if bias is None else bias[v0:v1]
-            z, capped = _logits(hidden_t, weight[v0:v1], bias_tile, logit_scale, softcap, dtype)
-            grad = z.sub_(lse[None, r0:r1]).exp_().mul_(probability_scale[None, :])  # in place: z becomes dz^T
-            if uniform:
-                grad -= uniform * row_scale[None, :]
-            inside, index = _labels_in_tile(chunk_labels, v0, v1)
-            grad.scatter_add_(0, index[None, :], (-(1.0 - label_smoothing) * row_scale * inside)[None, :])
-            if capped is not None:  # z = c tanh(s x / c): dz/dx = s (1 - tanh^2)
-                grad *= capped.mul_(capped).neg_().add_(1.0)
-            if logit_scale != 1.0:
-                grad *= logit_scale
+            grad = _raw_logits(hidden_t, weight[v0:v1], dtype)
+            cross_entropy_tile_backward_(
+                grad,
+                labels[r0:r1],
+                v0,
+                lse[r0:r1],
+                probability_scale,
+                row_scale,
+                uniform=label_smoothing / vocabulary,
+                target_weight=1.0 - label_smoothing,
+                bias=_bias_tile(bias, v0, v1),
+                logit_scale=logit_scale,
+                softcap=softcap,
+            )
             if grad_hidden is not None:
                 wgrad_accumulate_(
                     grad_hidden[r0:r1], grad.to(gradient_dtype), weight[v0:v1].to(gradient_dtype), overwrite=v0 == 0

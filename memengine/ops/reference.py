@@ -9,6 +9,7 @@ from memengine.ops.validation import (
     check_accumulate_args,
     check_bias_grad_args,
     check_clip_args,
+    check_cross_entropy_tile_args,
     check_grad_stats_args,
     check_multi_accumulate_args,
     check_wgrad_args,
@@ -94,3 +95,73 @@ def clip_reference_(flat, stats, max_norm):
     coefficient = torch.clamp(max_norm / (stats[0] + 1e-6), max=1.0)
     skip = (stats[1] > 0) | ~torch.isfinite(stats[0])
     flat.mul_(torch.where(skip, torch.ones_like(coefficient), coefficient))
+
+
+def _labels_in_tile(labels, start, tile):
+    """(mask of rows whose label lies in the tile [start, start + tile), the label's index in it (0 elsewhere))."""
+    index = labels - start
+    inside = (index >= 0) & (index < tile)
+    return inside, torch.where(inside, index, 0)
+
+
+def _transform_logits_(logits, bias, logit_scale, softcap, keep_capped):
+    """logits <- (logits + bias) * logit_scale, then softcap * tanh(. / softcap) with a cap, in place; returns
+    tanh(. / softcap) (a new tensor) when keep_capped and there is a cap, else None."""
+    if bias is not None:
+        logits += bias[:, None]
+    if logit_scale != 1.0:
+        logits *= logit_scale
+    if not softcap:
+        return None
+    if not keep_capped:
+        logits.div_(softcap).tanh_().mul_(softcap)
+        return None
+    capped = torch.tanh(logits / softcap)
+    torch.mul(capped, softcap, out=logits)
+    return capped
+
+
+def cross_entropy_tile_forward_reference_(
+    logits, bias, labels, start, logit_scale, softcap, running_max, running_sum, target, logit_sum
+):
+    """One vocabulary tile of a cross-entropy's forward (csrc/include/memengine/cross_entropy_tile.h has the
+    formulas): logits [tile, rows] (raw, transposed) become the transformed logits z; per row, the label's z
+    (when the label lies in the tile) is added to target, the sum of z to logit_sum (unless None), and the
+    tile's log-sum-exp is merged into the running (maximum, sum)."""
+    per_row = {"running_max": running_max, "running_sum": running_sum, "target": target, "logit_sum": logit_sum}
+    check_cross_entropy_tile_args("cross_entropy_tile_forward_", logits, bias, labels, start, softcap, per_row)
+    tile, rows = logits.shape
+    if tile == 0 or rows == 0:
+        return
+    _transform_logits_(logits, bias, logit_scale, softcap, keep_capped=False)
+    inside, index = _labels_in_tile(labels, start, tile)
+    target += torch.where(inside, logits.gather(0, index[None, :]).squeeze(0), 0.0)
+    if logit_sum is not None:
+        logit_sum += logits.sum(0)
+    tile_max = logits.max(0).values
+    tile_sum = torch.exp(logits - tile_max[None, :]).sum(0)
+    new_max = torch.maximum(running_max, tile_max)
+    running_sum.copy_(running_sum * torch.exp(running_max - new_max) + tile_sum * torch.exp(tile_max - new_max))
+    running_max.copy_(new_max)
+
+
+def cross_entropy_tile_backward_reference_(
+    logits, bias, labels, start, logit_scale, softcap, lse, probability_scale, row_scale, uniform, target_weight
+):
+    """One vocabulary tile of a cross-entropy's backward: logits [tile, rows] (raw, transposed) become the
+    gradient of the loss w.r.t. them (memengine::logit_gradient in csrc/include/memengine/cross_entropy_tile.h)."""
+    per_row = {"lse": lse, "probability_scale": probability_scale, "row_scale": row_scale}
+    check_cross_entropy_tile_args("cross_entropy_tile_backward_", logits, bias, labels, start, softcap, per_row)
+    tile, rows = logits.shape
+    if tile == 0 or rows == 0:
+        return
+    capped = _transform_logits_(logits, bias, logit_scale, softcap, keep_capped=True)
+    gradient = logits.sub_(lse[None, :]).exp_().mul_(probability_scale[None, :])
+    if uniform:
+        gradient -= uniform * row_scale[None, :]
+    inside, index = _labels_in_tile(labels, start, tile)
+    gradient.scatter_add_(0, index[None, :], (-target_weight * row_scale * inside)[None, :])
+    if capped is not None:
+        gradient *= capped.mul_(capped).neg_().add_(1.0)
+    if logit_scale != 1.0:
+        gradient *= logit_scale

@@ -231,3 +231,38 @@ def check_wgrad_args(main_grad, grad_output, input, alpha_tensor, check_memory=T
             if t.numel() > 0 and _share_bytes(main_grad, t):
                 _fail(op, f"main_grad and {name} overlap in memory; pass a copy of {name}")
     check_scalar_tensor(op, alpha_tensor, main_grad.device)
+
+
+def check_cross_entropy_tile_args(op, logits, bias, labels, start, softcap, per_row, check_memory=True):
+    """All checks of one cross_entropy_tile_forward_/backward_ call (mirrors
+    csrc/include/memengine/cross_entropy_tile_checks.h). per_row: {name: tensor or None}, the float32 [rows]
+    tensors the op reads or writes besides logits."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        _fail(op, "logits and labels must be tensors")
+    if logits.dtype != torch.float32 or logits.dim() != 2:
+        _fail(op, f"logits must be a float32 [tile, rows] tensor, got {logits.dtype} of shape {list(logits.shape)}")
+    if not logits.is_contiguous():
+        _fail(op, "logits must be contiguous (the kernel rewrites it in place); pass logits.contiguous()")
+    tile, rows = logits.shape
+    if labels.dtype != torch.int64 or labels.shape != (rows,):
+        _fail(op, f"labels must be int64 [rows] = [{rows}], got {labels.dtype} of shape {list(labels.shape)}")
+    if start < 0:
+        _fail(op, f"start (the tile's first vocabulary entry) must be non-negative, got {start}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        _fail(op, f"softcap must be positive, or 0 for no cap, got {softcap}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (tile,)):
+        _fail(op, f"bias must be float32 [tile] = [{tile}], got {bias.dtype} of shape {list(bias.shape)}")
+    for name, t in [("labels", labels), ("bias", bias)] + list(per_row.items()):
+        if t is None:
+            continue
+        if t.device != logits.device:
+            _fail(op, f"{name} is on {t.device} but logits is on {logits.device}")
+        if name in per_row and (t.dtype != torch.float32 or t.shape != (rows,) or not t.is_contiguous()):
+            _fail(
+                op,
+                f"{name} must be a contiguous float32 [rows] = [{rows}] tensor, got {t.dtype} of shape {list(t.shape)}",
+            )
+    if check_memory and logits.numel():
+        for name, t in per_row.items():
+            if t is not None and t.numel() and _share_bytes(logits, t):
+                _fail(op, f"logits and {name} overlap in memory; pass separate tensors")

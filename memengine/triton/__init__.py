@@ -17,11 +17,21 @@ if _import_error is None:
         accumulate,
         bias_grad_accumulate,
         clip,
+        cross_entropy_tile,
         grad_stats,
         wgrad_accumulate,
     )
 
-OPS = ("accumulate_", "multi_accumulate_", "bias_grad_accumulate_", "grad_stats_", "clip_", "wgrad_accumulate_")
+OPS = (
+    "accumulate_",
+    "multi_accumulate_",
+    "bias_grad_accumulate_",
+    "grad_stats_",
+    "clip_",
+    "wgrad_accumulate_",
+    "cross_entropy_tile_forward_",
+    "cross_entropy_tile_backward_",
+)
 
 
 def interpreting():
