@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "simd.h"
 
@@ -71,6 +72,40 @@ MEMENGINE_TARGET_AVX512_BF16 void pack_panel(const uint16_t* src, int64_t ld, in
   }
 }
 
+// pack_panel for an operand stored [width, tokens] (GemmOperand::tokens_contiguous): a pair of tokens of one
+// column is one 32-bit load, written Panel entries apart.
+template <int64_t Panel>
+MEMENGINE_TARGET_AVX512_BF16 void pack_panel_tokens_contiguous(const uint16_t* src, int64_t ld, int64_t width,
+                                                               int64_t tokens, int64_t panel, uint32_t* out) {
+  const int64_t first = panel * Panel;
+  const int64_t columns = std::min(Panel, width - first);
+  const int64_t pairs = (tokens + 1) / 2, full_pairs = tokens / 2;
+  for (int64_t j = 0; j < Panel; ++j) {
+    if (j >= columns) {
+      for (int64_t p = 0; p < pairs; ++p) out[p * Panel + j] = 0;
+      continue;
+    }
+    const uint16_t* column = src + (first + j) * ld;
+    for (int64_t p = 0; p < full_pairs; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, column + 2 * p, sizeof(pair));  // little-endian: token 2p low, 2p + 1 high
+      out[p * Panel + j] = pair;
+    }
+    if (full_pairs < pairs) out[full_pairs * Panel + j] = column[2 * full_pairs];
+  }
+}
+
+template <int64_t Panel>
+void pack(const GemmOperand<c10::BFloat16>& operand, int64_t width, int64_t t0, int64_t tokens, int64_t panel,
+          uint32_t* out) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(operand.from_token(t0).data);
+  if (operand.tokens_contiguous) {
+    pack_panel_tokens_contiguous<Panel>(bits, operand.ld, width, tokens, panel, out);
+  } else {
+    pack_panel<Panel>(bits, operand.ld, width, tokens, panel, out);
+  }
+}
+
 // C tile (rows x columns of C, at most kRows x kColumns) <- (first ? 0 : C) + alpha * A_panel^T B_panel
 // over `pairs` packed token pairs.
 MEMENGINE_TARGET_AVX512_BF16 void micro_tile(int64_t pairs, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc,
@@ -123,8 +158,8 @@ bool bf16_gemm_supported() {
   return supported;
 }
 
-void bf16_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
-                  const c10::BFloat16* b, int64_t ldb, bool overwrite, float* c, int64_t ldc) {
+void bf16_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, GemmOperand<c10::BFloat16> a,
+                  GemmOperand<c10::BFloat16> b, bool overwrite, float* c, int64_t ldc) {
   TORCH_CHECK(bf16_gemm_supported(), "bf16_gemm_tn: this CPU has no AVX512-BF16");
   if (m == 0 || n == 0) return;
   if (k == 0) {
@@ -138,8 +173,6 @@ void bf16_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloa
   const int64_t block = block_tokens(a_width + b_width, k);
   const at::Tensor scratch = at::empty({block / 2 * (a_width + b_width)}, at::kInt);
   auto* const packed_a = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
-  const auto* a_bits = reinterpret_cast<const uint16_t*>(a);
-  const auto* b_bits = reinterpret_cast<const uint16_t*>(b);
   const int64_t m_tasks = ceil_div(m_panels, kPanelsPerTask), n_tasks = ceil_div(n_panels, kPanelsPerTask);
   for (int64_t t0 = 0; t0 < k; t0 += block) {
     const int64_t tokens = std::min(block, k - t0), pairs = (tokens + 1) / 2;
@@ -147,10 +180,10 @@ void bf16_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloa
     at::parallel_for(0, m_panels + n_panels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         if (p < m_panels) {
-          pack_panel<kRows>(a_bits + t0 * lda, lda, m, tokens, p, packed_a + p * pairs * kRows);
+          pack<kRows>(a, m, t0, tokens, p, packed_a + p * pairs * kRows);
         } else {
           const int64_t q = p - m_panels;
-          pack_panel<kColumns>(b_bits + t0 * ldb, ldb, n, tokens, q, packed_b + q * pairs * kColumns);
+          pack<kColumns>(b, n, t0, tokens, q, packed_b + q * pairs * kColumns);
         }
       }
     });
@@ -179,7 +212,7 @@ void bf16_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloa
 
 bool bf16_gemm_supported() { return false; }
 
-void bf16_gemm_tn(int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, bool,
+void bf16_gemm_tn(int64_t, int64_t, int64_t, float, GemmOperand<c10::BFloat16>, GemmOperand<c10::BFloat16>, bool,
                   float*, int64_t) {
   TORCH_CHECK(false, "bf16_gemm_tn: AVX512-BF16 kernels are not built for this platform");
 }

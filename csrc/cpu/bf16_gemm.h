@@ -7,16 +7,18 @@
 
 #include <cstdint>
 
+#include "gemm_operand.h"
+
 namespace memengine::cpu {
 
 // True if this CPU executes AVX512-BF16 instructions (and the OS saves AVX-512 state).
 bool bf16_gemm_supported();
 
 // C[m, n] (row stride ldc) <- (overwrite ? 0 : C) + alpha * sum_t A[t, m] * B[t, n], with A and B
-// row-major [k, m] and [k, n] (row strides lda, ldb). Products are exact in fp32 and summed in
+// [k, m] and [k, n] operands in either layout (GemmOperand). Products are exact in fp32 and summed in
 // fp32 (round to nearest even). Like every AVX512-BF16 instruction, bf16 subnormal inputs are
 // read as zero. Scratch memory: at most 16 MiB for packed operands unless m + n > 2^18.
-void bf16_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
-                  const c10::BFloat16* b, int64_t ldb, bool overwrite, float* c, int64_t ldc);
+void bf16_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, GemmOperand<c10::BFloat16> a,
+                  GemmOperand<c10::BFloat16> b, bool overwrite, float* c, int64_t ldc);
 
 }  // namespace memengine::cpu

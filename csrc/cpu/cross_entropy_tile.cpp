@@ -127,7 +127,8 @@ struct DoubleSums {
 
 MEMENGINE_TARGET_AVX512 inline void add_to(DoubleSums& sums, __m512 x) {
   sums.low = _mm512_add_pd(sums.low, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
-  sums.high = _mm512_add_pd(sums.high, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+  sums.high = _mm512_add_pd(sums.high, _mm512_cvtps_pd(high));
 }
 
 MEMENGINE_TARGET_AVX512 inline void store_rounded(const DoubleSums& sums, float* out) {

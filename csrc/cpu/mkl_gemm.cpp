@@ -51,29 +51,31 @@ constexpr int64_t kMaxPiece = int64_t{1} << 30;
 bool mkl_gemm_available(bool half) { return gemm_function(half) != nullptr; }
 
 template <class Src>
-bool mkl_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const Src* a, int64_t lda, const Src* b, int64_t ldb,
-                 bool overwrite, float* c, int64_t ldc) {
+bool mkl_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, GemmOperand<Src> a, GemmOperand<Src> b, bool overwrite,
+                 float* c, int64_t ldc) {
   const GemmFn gemm = gemm_function(std::is_same_v<Src, c10::Half>);
-  if (gemm == nullptr || std::max({lda, ldb, ldc}) > INT_MAX) return false;
+  if (gemm == nullptr || std::max({a.ld, b.ld, ldc}) > INT_MAX) return false;
+  // A is read as op(A) = A^T: stored [k, m], transposed; stored [m, k] (tokens contiguous), as it is. B likewise.
+  const int transa = a.tokens_contiguous ? kNoTrans : kTrans, transb = b.tokens_contiguous ? kTrans : kNoTrans;
   for (int64_t k0 = 0; k0 < k; k0 += kMaxPiece) {
     const int64_t kk = std::min(kMaxPiece, k - k0);
     // beta = 0 on the first piece of an overwrite: MKL then ignores C (NaN included).
     const float beta = overwrite && k0 == 0 ? 0.0f : 1.0f;
     for (int64_t m0 = 0; m0 < m; m0 += kMaxPiece) {
       for (int64_t n0 = 0; n0 < n; n0 += kMaxPiece) {
-        gemm(kRowMajor, kTrans, kNoTrans, static_cast<int>(std::min(kMaxPiece, m - m0)),
-             static_cast<int>(std::min(kMaxPiece, n - n0)), static_cast<int>(kk), alpha, a + k0 * lda + m0,
-             static_cast<int>(lda), b + k0 * ldb + n0, static_cast<int>(ldb), beta, c + m0 * ldc + n0,
-             static_cast<int>(ldc));
+        gemm(kRowMajor, transa, transb, static_cast<int>(std::min(kMaxPiece, m - m0)),
+             static_cast<int>(std::min(kMaxPiece, n - n0)), static_cast<int>(kk), alpha,
+             a.from_token(k0).from_column(m0).data, static_cast<int>(a.ld), b.from_token(k0).from_column(n0).data,
+             static_cast<int>(b.ld), beta, c + m0 * ldc + n0, static_cast<int>(ldc));
       }
     }
   }
   return true;
 }
 
-template bool mkl_gemm_tn<c10::BFloat16>(int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t,
-                                         const c10::BFloat16*, int64_t, bool, float*, int64_t);
-template bool mkl_gemm_tn<c10::Half>(int64_t, int64_t, int64_t, float, const c10::Half*, int64_t, const c10::Half*,
-                                     int64_t, bool, float*, int64_t);
+template bool mkl_gemm_tn<c10::BFloat16>(int64_t, int64_t, int64_t, float, GemmOperand<c10::BFloat16>,
+                                         GemmOperand<c10::BFloat16>, bool, float*, int64_t);
+template bool mkl_gemm_tn<c10::Half>(int64_t, int64_t, int64_t, float, GemmOperand<c10::Half>, GemmOperand<c10::Half>,
+                                     bool, float*, int64_t);
 
 }  // namespace memengine::cpu

@@ -11,16 +11,18 @@
 
 #include <cstdint>
 
+#include "gemm_operand.h"
+
 namespace memengine::cpu {
 
 bool mkl_gemm_available(bool half);
 
 // C[m, n] (row stride ldc) <- (overwrite ? 0 : C) + alpha * sum_t A[t, m] * B[t, n], with A and B
-// row-major [k, m] and [k, n] (row strides lda, ldb). Sizes above MKL's 32-bit limits are split
+// [k, m] and [k, n] operands in either layout (GemmOperand). Sizes above MKL's 32-bit limits are split
 // into several calls. Returns false (and does nothing) when MKL is unavailable or a row stride
 // does not fit in 32 bits.
 template <class Src>
-bool mkl_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const Src* a, int64_t lda, const Src* b, int64_t ldb,
-                 bool overwrite, float* c, int64_t ldc);
+bool mkl_gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, GemmOperand<Src> a, GemmOperand<Src> b, bool overwrite,
+                 float* c, int64_t ldc);
 
 }  // namespace memengine::cpu

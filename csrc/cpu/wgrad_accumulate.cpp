@@ -149,6 +149,13 @@ void addmm_in_chunks(const at::Tensor& main_grad, const at::Tensor& g, const at:
   }
 }
 
+// A [tokens, features] matrix from as_token_matrix as a GEMM operand: row-major, or a .t() view.
+template <class T>
+GemmOperand<T> gemm_operand(const at::Tensor& m) {
+  const bool tokens_contiguous = !is_row_major(m);
+  return {m.const_data_ptr<T>(), tokens_contiguous ? m.stride(1) : m.stride(0), tokens_contiguous};
+}
+
 }  // namespace
 
 void set_wgrad_path(const std::string& name) {
@@ -174,7 +181,8 @@ void wgrad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_outpu
                     " but the CPU kernel was called");
   if (main_grad.numel() == 0) return;
   const float a = host_scalar(alpha, alpha_tensor);
-  const at::Tensor g = as_token_matrix(grad_output), x = as_token_matrix(input);
+  // Both GEMMs and the chunked path read a .t() view of a row-major matrix where it lies.
+  const at::Tensor g = as_token_matrix(grad_output, true), x = as_token_matrix(input, true);
   const int64_t tokens = g.size(0), out_features = main_grad.size(0), in_features = main_grad.size(1);
   at::Tensor buffer = main_grad;
   if (tokens == 0) {
@@ -184,15 +192,13 @@ void wgrad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_outpu
   float* const c = buffer.data_ptr<float>();
   const int64_t ldc = main_grad.stride(0);
   if (g.scalar_type() == at::kBFloat16) {
-    const auto* g_data = g.const_data_ptr<c10::BFloat16>();
-    const auto* x_data = x.const_data_ptr<c10::BFloat16>();
+    const auto g_operand = gemm_operand<c10::BFloat16>(g), x_operand = gemm_operand<c10::BFloat16>(x);
     switch (choose_path(false)) {
       case WgradPath::avx512_bf16:
-        bf16_gemm_tn(out_features, in_features, tokens, a, g_data, g.stride(0), x_data, x.stride(0), overwrite, c, ldc);
+        bf16_gemm_tn(out_features, in_features, tokens, a, g_operand, x_operand, overwrite, c, ldc);
         return;
       case WgradPath::mkl:
-        if (mkl_gemm_tn(out_features, in_features, tokens, a, g_data, g.stride(0), x_data, x.stride(0), overwrite, c,
-                        ldc)) {
+        if (mkl_gemm_tn(out_features, in_features, tokens, a, g_operand, x_operand, overwrite, c, ldc)) {
           return;
         }
         break;  // a row stride beyond 32 bits: chunked copies are contiguous
@@ -200,8 +206,8 @@ void wgrad_accumulate_(const at::Tensor& main_grad, const at::Tensor& grad_outpu
         break;
     }
   } else if (g.scalar_type() == at::kHalf && choose_path(true) == WgradPath::mkl &&
-             mkl_gemm_tn(out_features, in_features, tokens, a, g.const_data_ptr<c10::Half>(), g.stride(0),
-                         x.const_data_ptr<c10::Half>(), x.stride(0), overwrite, c, ldc)) {
+             mkl_gemm_tn(out_features, in_features, tokens, a, gemm_operand<c10::Half>(g), gemm_operand<c10::Half>(x),
+                         overwrite, c, ldc)) {
     return;
   }
   addmm_in_chunks(main_grad, g, x, a, overwrite);

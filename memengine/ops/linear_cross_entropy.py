@@ -87,11 +87,12 @@ def _product_dtype(hidden, weight):
     return hidden.dtype if hidden.dtype == weight.dtype else torch.float32
 
 
-def _raw_logits(hidden_t, weight_tile, dtype):
-    """A tile's raw fp32 logits, transposed ([tile, rows]), from hidden_t = the rows' hidden states transposed
-    ([H, rows], `dtype`): products of `dtype` values summed in fp32 (wgrad_accumulate_)."""
-    logits = torch.empty(weight_tile.shape[0], hidden_t.shape[1], dtype=torch.float32, device=hidden_t.device)
-    wgrad_accumulate_(logits, weight_tile.to(dtype).t().contiguous(), hidden_t, overwrite=True)
+def _raw_logits(hidden_rows, weight_tile, dtype):
+    """A tile's raw fp32 logits, transposed ([tile, rows]), from the rows' hidden states ([rows, H], `dtype`):
+    products of `dtype` values summed in fp32 (wgrad_accumulate_, whose CPU kernels read the .t() views of
+    both operands where they lie)."""
+    logits = torch.empty(weight_tile.shape[0], hidden_rows.shape[0], dtype=torch.float32, device=hidden_rows.device)
+    wgrad_accumulate_(logits, weight_tile.to(dtype).t(), hidden_rows.t(), overwrite=True)
     return logits
 
 
@@ -140,7 +141,7 @@ def linear_cross_entropy_forward(
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for r0 in range(0, tokens, rows):
         r1 = min(tokens, r0 + rows)
-        hidden_t = hidden[r0:r1].to(dtype).t().contiguous()
+        hidden_rows = hidden[r0:r1].to(dtype)
         chunk_labels = labels[r0:r1]
         # Online log-sum-exp over the vocabulary tiles, with the label's logit and (label smoothing) the sum.
         running_max = torch.full((r1 - r0,), float("-inf"), device=hidden.device)
@@ -150,7 +151,7 @@ def linear_cross_entropy_forward(
         for v0 in range(0, vocabulary, tile):
             v1 = min(vocabulary, v0 + tile)
             cross_entropy_tile_forward_(
-                _raw_logits(hidden_t, weight[v0:v1], dtype),
+                _raw_logits(hidden_rows, weight[v0:v1], dtype),
                 chunk_labels,
                 v0,
                 running_max,
@@ -209,14 +210,13 @@ def linear_cross_entropy_backward(
     for r0 in range(0, tokens, rows):
         r1 = min(tokens, r0 + rows)
         hidden_rows = hidden[r0:r1].to(dtype)
-        hidden_t = hidden_rows.t().contiguous()
         # d loss / d z = p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V, zero for ignored tokens; times
         # the loss's gradient.
         row_scale = torch.where(counted[r0:r1], grad_loss, 0.0)
         probability_scale = (1.0 + 2.0 * z_loss * lse[r0:r1]) * row_scale if z_loss else row_scale
         for v0 in range(0, vocabulary, tile):
             v1 = min(vocabulary, v0 + tile)
-            grad = _raw_logits(hidden_t, weight[v0:v1], dtype)
+            grad = _raw_logits(hidden_rows, weight[v0:v1], dtype)
             cross_entropy_tile_backward_(
                 grad,
                 labels[r0:r1],
@@ -230,12 +230,11 @@ def linear_cross_entropy_backward(
                 logit_scale=logit_scale,
                 softcap=softcap,
             )
+            low = grad.to(gradient_dtype)
             if grad_hidden is not None:
-                wgrad_accumulate_(
-                    grad_hidden[r0:r1], grad.to(gradient_dtype), weight[v0:v1].to(gradient_dtype), overwrite=v0 == 0
-                )
+                wgrad_accumulate_(grad_hidden[r0:r1], low, weight[v0:v1].to(gradient_dtype), overwrite=v0 == 0)
             if weight_sink is not None:
-                weight_sink(r0 == 0, v0, v1, grad.t().to(gradient_dtype).contiguous(), hidden_rows.to(gradient_dtype))
+                weight_sink(r0 == 0, v0, v1, low.t(), hidden_rows.to(gradient_dtype))
             if bias_sink is not None:
                 bias_sink(r0 == 0, v0, v1, grad.t())
     return None if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(shape)

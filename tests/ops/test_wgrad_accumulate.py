@@ -208,15 +208,30 @@ def test_3d_strided_inputs_and_sliced_main_grad(use_backend, backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_each_cpu_path_with_strided_inputs(use_backend, wgrad_cpu_path, dtype):
     use_backend("cpp")
-    run_strided_cases(dtype)
+    # More tokens than the AVX512-BF16 GEMM packs at once (2048), in .t() views. (Triton's kernel sums a tile's
+    # tokens in one fp32 accumulator: past about 2000 tokens it errs more than 2x torch's blocked CPU GEMM.)
+    run_strided_cases(
+        dtype, {"transposed, many tokens": (make((33, 2101), dtype, 1).t(), make((17, 2101), dtype, 2).t())}
+    )
+    if wgrad_cpu_path == "avx512_bf16" and dtype == torch.bfloat16:
+        # The same packed operands as from contiguous copies: the same bits.
+        g, x = make((45, 2101), dtype, 1)[:, :2099].t(), make((17, 2099), dtype, 2).t()
+        from_views, from_copies = torch.zeros(45, 17), torch.zeros(45, 17)
+        me.ops.wgrad_accumulate_(from_views, g, x)
+        me.ops.wgrad_accumulate_(from_copies, g.contiguous(), x.contiguous())
+        assert torch.equal(from_views, from_copies)
 
 
-def run_strided_cases(dtype):
+def run_strided_cases(dtype, more_cases=()):
     cases = {
         "3-D": (make((4, 25, 33), dtype, 1), make((4, 25, 17), dtype, 2)),
         "transposed": (make((33, 100), dtype, 1).t(), make((17, 100), dtype, 2).t()),
+        # The CPU GEMMs read .t() views where they lie (no copy): odd token counts, padded rows, one side only.
+        "transposed, odd tokens, padded rows": (make((33, 120), dtype, 1)[:, :101].t(), make((101, 17), dtype, 2)),
+        "transposed input only": (make((101, 33), dtype, 1), make((17, 101), dtype, 2).t()),
         "permuted 3-D (copied)": (make((25, 4, 33), dtype, 1).transpose(0, 1), make((4, 25, 17), dtype, 2)),
         "column slices": (make((100, 70), dtype, 1)[:, 5:38], make((100, 40), dtype, 2)[:, :17]),
+        **dict(more_cases),
     }
     for name, (grad_output, input) in cases.items():
         wide = make((33, 50), torch.float32, 3)

@@ -58,11 +58,23 @@ inline void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad
   check_scalar_tensor(op, alpha_tensor, main_grad.device());
 }
 
+// True if a [tokens, features] matrix is row-major: unit stride along features, rows apart.
+inline bool is_row_major(const at::Tensor& m) { return m.size(1) == 0 || (m.stride(1) == 1 && m.stride(0) >= m.size(1)); }
+
+// True if a [tokens, features] matrix is the transpose of a row-major [features, tokens] one (a .t() view): a
+// token's features lie stride(1) apart, and a feature's tokens side by side.
+inline bool is_token_contiguous(const at::Tensor& m) {
+  return m.dim() == 2 && m.size(1) > 1 && m.stride(0) == 1 && m.stride(1) >= m.size(0);
+}
+
 // [tokens, features] view of a [..., features] tensor with unit stride along features, made
-// without a copy when the leading dimensions can be flattened (a copy only otherwise).
-inline at::Tensor as_token_matrix(const at::Tensor& t) {
+// without a copy when the leading dimensions can be flattened (a copy only otherwise). With
+// keep_token_contiguous, a 2-D .t() view of a row-major matrix is also returned as it is (for
+// kernels that read both layouts).
+inline at::Tensor as_token_matrix(const at::Tensor& t, bool keep_token_contiguous = false) {
+  if (keep_token_contiguous && is_token_contiguous(t) && !is_row_major(t)) return t;
   at::Tensor m = t.reshape({-1, t.size(-1)});
-  if (m.size(1) > 0 && (m.stride(1) != 1 || m.stride(0) < m.size(1))) m = m.contiguous();
+  if (!is_row_major(m)) m = m.contiguous();
   return m;
 }
 
