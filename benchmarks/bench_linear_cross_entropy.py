@@ -14,10 +14,19 @@ same shapes (hidden [tokens, H] and the head's weight): eager PyTorch (bf16 head
 torch.compile of the same (both return the head's gradient as a bf16 .grad), and memengine.linear_cross_entropy
 with the head's gradient going into its fp32 GradBuffer, forward and backward.
 
-  python benchmarks/bench_linear_cross_entropy.py [--vocab 32000 128256 256000 --tokens 512 --hidden 256]
+With --peers, the peers' fused losses join the kernel table when they are installed (pip install liger-kernel
+cut-cross-entropy; nothing else here needs them): Liger-Kernel's LigerFusedLinearCrossEntropyLoss and Cut
+Cross-Entropy's linear_cross_entropy. Both are Triton kernels written for GPUs. On a CPU, Liger runs only under
+Triton's interpreter (TRITON_INTERPRET=1 in the environment): its peak is the allocator's, interpreter copies of
+the kernels' arguments included, and its time is the interpreter's, so none is printed. CCE's own kernel does not
+run under the interpreter; its impl="torch_compile" (torch.compile of full logits) does and is timed.
+
+  python benchmarks/bench_linear_cross_entropy.py [--vocab 32000 128256 256000 --tokens 512 --hidden 256] [--peers]
 """
 
 import argparse
+import importlib.util
+import os
 import statistics
 import time
 import warnings
@@ -113,6 +122,37 @@ def kernel_functions(hidden, weight, labels):
     return {"eager": run(eager_math), "torch.compile": run(compiled_math), "memengine": memengine_call}
 
 
+def peer_functions(hidden, weight, labels):
+    """{name: (function, timed)} for the installed peers (see the module docstring)."""
+    peers = {}
+
+    def run(loss_fn):
+        def call():
+            loss_fn(hidden.detach().requires_grad_(), weight.detach().requires_grad_()).backward()
+
+        return call
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        print("    liger-kernel is not installed: no Liger row")
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        print("    Liger runs on a CPU only under TRITON_INTERPRET=1: no Liger row")
+    else:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+        peers["liger (interpreted)"] = (run(lambda h, w: liger(w, h, labels)), False)
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        print("    cut-cross-entropy is not installed: no CCE row")
+    else:
+        from cut_cross_entropy import linear_cross_entropy
+
+        peers["cce torch_compile"] = (
+            run(lambda h, w: linear_cross_entropy(h, w, labels, reduction="sum", impl="torch_compile")),
+            True,
+        )
+    return peers
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 256000])
@@ -121,6 +161,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-kernel", action="store_true", help="skip the loss kernel alone")
+    parser.add_argument("--peers", action="store_true", help="add Liger-Kernel and Cut Cross-Entropy when installed")
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.tokens} tokens, hidden {args.hidden}"
@@ -156,6 +197,16 @@ def main():
                 f"{vocab:>8} {'kernel ' + name:>22} peak {peaks[name] / 2**20:8.1f} MiB, time vs eager "
                 f"{times[name] / times['eager']:.2f}"
             )
+        if not args.peers:
+            continue
+        for name, (function, timed) in peer_functions(hidden, head, labels).items():
+            function()  # compile outside the measurements
+            peak = peak_extra_bytes(function, torch.device("cpu"))
+            ratio = "not measured (interpreter)"
+            if timed:  # against eager again, interleaved in the same run
+                medians = interleaved_medians({"peer": function, "eager": kernels["eager"]}, args.repeats)
+                ratio = f"{medians['peer'] / medians['eager']:.2f}"
+            print(f"{vocab:>8} {'peer ' + name:>22} peak {peak / 2**20:8.1f} MiB, time vs eager {ratio}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,13 @@ struct GemmOperand {
   bool tokens_contiguous = false;  // false: stored [k, width] (token t at data + t * ld); true: stored [width, k]
 
   // The operand from token `t` on.
-  GemmOperand from_token(int64_t t) const { return {tokens_contiguous ? data + t : data + t * ld, ld, tokens_contiguous}; }
+  GemmOperand from_token(int64_t t) const {
+    return {tokens_contiguous ? data + t : data + t * ld, ld, tokens_contiguous};
+  }
   // The operand from column `j` on.
-  GemmOperand from_column(int64_t j) const { return {tokens_contiguous ? data + j * ld : data + j, ld, tokens_contiguous}; }
+  GemmOperand from_column(int64_t j) const {
+    return {tokens_contiguous ? data + j * ld : data + j, ld, tokens_contiguous};
+  }
 };
 
 }  // namespace memengine::cpu

@@ -11,12 +11,12 @@ MODEL_KINDS = ("gpt2", "llama")
 VOCAB, LENGTH = 256, 32
 
 
-def make_model(kind, seed=0, width=64):
+def make_model(kind, seed=0, width=64, vocab=VOCAB):
     """A small bf16 causal LM of hidden size `width`; the same seed gives the same weights."""
     torch.manual_seed(seed)
     if kind == "gpt2":
         config = transformers.GPT2Config(
-            n_layer=2, n_embd=width, n_head=4, vocab_size=VOCAB, n_positions=LENGTH, bos_token_id=0, eos_token_id=0
+            n_layer=2, n_embd=width, n_head=4, vocab_size=vocab, n_positions=LENGTH, bos_token_id=0, eos_token_id=0
         )
         model = transformers.GPT2LMHeadModel(config)
     else:
@@ -26,7 +26,7 @@ def make_model(kind, seed=0, width=64):
             intermediate_size=2 * width,
             num_attention_heads=4,
             num_key_value_heads=2,
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             max_position_embeddings=LENGTH,
             bos_token_id=0,
             eos_token_id=0,

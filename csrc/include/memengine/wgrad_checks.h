@@ -59,7 +59,9 @@ inline void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad
 }
 
 // True if a [tokens, features] matrix is row-major: unit stride along features, rows apart.
-inline bool is_row_major(const at::Tensor& m) { return m.size(1) == 0 || (m.stride(1) == 1 && m.stride(0) >= m.size(1)); }
+inline bool is_row_major(const at::Tensor& m) {
+  return m.size(1) == 0 || (m.stride(1) == 1 && m.stride(0) >= m.size(1));
+}
 
 // True if a [tokens, features] matrix is the transpose of a row-major [features, tokens] one (a .t() view): a
 // token's features lie stride(1) apart, and a feature's tokens side by side.
