@@ -19,9 +19,13 @@ and kept, not in the optimizer. --dtype fp32 needs no masters: every row steps t
 
 Data: the embedded corpus is the bytes of memengine's own Python sources (nothing is downloaded, no
 data file ships for it); tokens are bytes, the ids 0-255 of a model vocabulary of --vocab entries (default
-256; --vocab 32000 gives the embedding and the LM head a real model's size: measured on a 2-core AMD EPYC,
-that default model's step is then dominated by its optimizer step, 398.6 MiB for rows 4-6 alike, and
-row 6 has nothing left to plan). Every row of a batch is a window of the
+32,000, a real model's size: the embedding and the LM head are then 84% of the parameters, and rows 1-4's
+logits, their fp32 copy and the gradients of each, are the largest transient of their steps; rows 5-6 take
+memengine.causal_lm_loss's fused linear + cross-entropy, which never holds them. At this size memengine's
+whole-step peak is its optimizer step, whose temporaries (two fp32 copies of the largest parameter inside
+torch's AdamW) exceed one micro-batch's activations: the default budget of row 6 then falls back to the
+smallest feasible one, and the notes say so; --vocab 256 gives the small-vocabulary model where the blocks'
+activations are the peak). Every row of a batch is a window of the
 corpus of random length, padded (labels -100) to the sequence length, so micro-batches hold
 different numbers of tokens: that is where "each micro-batch's mean / number of micro-batches"
 (row 2) differs from the full batch's mean over its tokens (the oracle, rows 1, 4, 5, 6).
@@ -68,6 +72,7 @@ from memengine.segments import parse_bytes, repeated_blocks
 from memengine.segments.allocator_peak import peak_extra_bytes
 
 BYTE_VALUES = 256  # the tokens are bytes: ids 0-255 of the model's vocabulary
+DEFAULT_VOCAB = 32000  # a real model's vocabulary: the loss's memory shows in the table
 IGNORE_INDEX = -100
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELS = ("gpt", "gpt2", "llama")
@@ -110,10 +115,10 @@ class DemoConfig:
     layers: int = 4
     hidden: int = 256
     heads: int = 4
-    seq: int = 128
-    vocab: int = BYTE_VALUES
+    seq: int = 256
+    vocab: int = DEFAULT_VOCAB
     batch: int = 8
-    micro_batch: int = 1
+    micro_batch: int = 2
     steps: int = 10
     budget: str = DEFAULT_BUDGET  # "P%" of row 5's activations kept, or a size such as "2GiB"
     lr: float = 2e-3

@@ -52,7 +52,36 @@ def test_budgeted_row_fits_its_budget_and_its_prediction(quick_run):
     assert budgeted["peak_bytes"] <= budgeted["budget_bytes"]
     predicted = budgeted["predicted_peak_bytes"]
     assert abs(budgeted["peak_bytes"] - predicted) <= demo.PEAK_PREDICTION_TOLERANCE * predicted
+    # At the default size (a 32,000-token vocabulary) memengine's whole-step peak is its optimizer step: the
+    # default budget (half of row 5's activations) is below the smallest feasible one, which row 6 takes, and the
+    # notes say so. test_with_a_small_vocabulary_the_default_budget_recomputes covers the other regime.
+    assert quick_run[2]["budget_bytes"] == quick_run[2]["smallest_feasible_budget"]
+    assert any("is below the smallest feasible" in note for note in quick_run[2]["notes"])
+
+
+def test_with_a_small_vocabulary_the_default_budget_recomputes(tmp_path):
+    """--vocab 256, one row per micro-batch: the blocks' activations are the step's peak, and the default budget
+    keeps half of them by recomputing blocks, within the budget and the prediction."""
+    result = memengine_command(
+        "demo",
+        "--quick",
+        "--device",
+        "cpu",
+        "--vocab",
+        "256",
+        "--seq",
+        "128",
+        "--micro-batch",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    budgeted = rows(results)["memengine-budget"]
     assert "recompute" in budgeted["plan"], "the default budget (half of row 5's activations) must recompute"
+    assert budgeted["peak_bytes"] <= budgeted["budget_bytes"]
+    assert all(claim["holds"] for claim in results["claims"]), results["claims"]
 
 
 def test_memengine_gradient_error_is_at_most_fp32_accumulation_and_below_bf16(quick_run):
