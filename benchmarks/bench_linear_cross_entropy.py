@@ -25,12 +25,14 @@ run under the interpreter; its impl="torch_compile" (torch.compile of full logit
 """
 
 import argparse
+import csv
 import importlib.util
 import os
 import statistics
 import time
 import warnings
 
+import _common
 import torch
 import torch.nn.functional as F
 
@@ -84,14 +86,47 @@ def step_functions(model, batch):
     return {"hf": hf, "logits": through(False), "fused": through(True)}
 
 
-def interleaved_medians(functions, repeats):
+def interleaved_times(functions, repeats):
+    """{name: [seconds per call]}: the functions take turns, so a shared machine's drifts hit them alike."""
     times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def csv_row(kernel, provider, shape, seconds, peak_bytes):
+    """A row of DESIGN.md's benchmark CSV (benchmarks/_common.CSV_FIELDS) from one provider's samples."""
+    fifths = statistics.quantiles(seconds, n=5) if len(seconds) > 1 else [seconds[0]] * 4
+    p20, p50, p80 = fifths[0], statistics.median(seconds), fifths[3]
+    return {
+        "kernel": kernel,
+        "provider": provider,
+        "shape": shape,
+        "dtype": "bfloat16",
+        "p50_ms": p50 * 1e3,
+        "p20_ms": p20 * 1e3,
+        "p80_ms": p80 * 1e3,
+        "peak_bytes": peak_bytes,
+        "torch": torch.__version__,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def append_csv(path, rows):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path)
+    sha = _common.git_sha()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_common.CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "git_sha": sha})
+    print(f"appended {len(rows)} rows to {path}")
 
 
 def kernel_functions(hidden, weight, labels):
@@ -162,11 +197,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-kernel", action="store_true", help="skip the loss kernel alone")
     parser.add_argument("--peers", action="store_true", help="add Liger-Kernel and Cut Cross-Entropy when installed")
+    parser.add_argument(
+        "--csv", default=os.path.join(_common.ROOT, "benchmarks", "results", "linear_cross_entropy.csv")
+    )
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.tokens} tokens, hidden {args.hidden}"
     )
     print(f"{'vocab':>8} {'path':>7} {'transient peak MiB':>19} {'vs hf':>6} {'time vs hf':>10} {'loss':>10}")
+    rows = []
     for vocab in args.vocab:
         model = llama(vocab, args.hidden, args.layers)
         generator = torch.Generator().manual_seed(1)
@@ -175,7 +214,10 @@ def main():
         functions = step_functions(model, batch)
         values = {name: function() for name, function in functions.items()}  # warm up, and the losses
         peaks = {name: peak_extra_bytes(function, torch.device("cpu")) for name, function in functions.items()}
-        times = interleaved_medians(functions, args.repeats)
+        samples = interleaved_times(functions, args.repeats)
+        times = {name: statistics.median(values) for name, values in samples.items()}
+        shape = f"{args.tokens}x{args.hidden}x{vocab}"
+        rows += [csv_row("lm_step", name, shape, samples[name], peaks[name]) for name in functions]
         for name in functions:
             print(
                 f"{vocab:>8} {name:>7} {peaks[name] / 2**20:>19.1f} {peaks[name] / peaks['hf']:>6.3f} "
@@ -188,10 +230,12 @@ def main():
         hidden = torch.randn(args.tokens, args.hidden, dtype=torch.bfloat16, generator=generator)
         labels = torch.randint(0, vocab, (args.tokens,), generator=generator)
         kernels = kernel_functions(hidden, head, labels)
-        peaks = {name: peak_extra_bytes(function, torch.device("cpu")) for name, function in kernels.items()}
         for function in kernels.values():
-            function()  # compile outside the timing
-        times = interleaved_medians(kernels, args.repeats)
+            function()  # compile outside the measurements
+        peaks = {name: peak_extra_bytes(function, torch.device("cpu")) for name, function in kernels.items()}
+        samples = interleaved_times(kernels, args.repeats)
+        times = {name: statistics.median(values) for name, values in samples.items()}
+        rows += [csv_row("linear_cross_entropy", name, shape, samples[name], peaks[name]) for name in kernels]
         for name in kernels:
             print(
                 f"{vocab:>8} {'kernel ' + name:>22} peak {peaks[name] / 2**20:8.1f} MiB, time vs eager "
@@ -204,9 +248,11 @@ def main():
             peak = peak_extra_bytes(function, torch.device("cpu"))
             ratio = "not measured (interpreter)"
             if timed:  # against eager again, interleaved in the same run
-                medians = interleaved_medians({"peer": function, "eager": kernels["eager"]}, args.repeats)
-                ratio = f"{medians['peer'] / medians['eager']:.2f}"
+                pair = interleaved_times({"peer": function, "eager": kernels["eager"]}, args.repeats)
+                ratio = f"{statistics.median(pair['peer']) / statistics.median(pair['eager']):.2f}"
+                rows.append(csv_row("linear_cross_entropy", "peer " + name, shape, pair["peer"], peak))
             print(f"{vocab:>8} {'peer ' + name:>22} peak {peak / 2**20:8.1f} MiB, time vs eager {ratio}")
+    append_csv(args.csv, rows)
 
 
 if __name__ == "__main__":
