@@ -243,8 +243,10 @@ def write_results(results, out):
 
 
 def plot(results, out):
-    """memory_vs_time.png (each method a point, row 6's budget a line) and loss.png; returns the paths.
-    ImportError without matplotlib."""
+    """memory_vs_time.png (per method: its whole-step peak as stacked bars of what it is made of, row 6's budget a
+    line, and its step time, both axes from zero) and loss.png (the losses, and each method's difference from
+    row 1's, where the curves would otherwise lie on top of each other); returns the paths. ImportError without
+    matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,39 +254,58 @@ def plot(results, out):
     from matplotlib import pyplot
 
     paths = [out / "memory_vs_time.png", out / "loss.png"]
-    figure, axes = pyplot.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    times = [method.step_time_s for method in results.methods]
-    middle = (min(times) + max(times)) / 2
-    for number, method in enumerate(results.methods, 1):
-        axes.scatter(method.step_time_s, method.peak_bytes / MIB, s=40, zorder=3)
-        right_half = method.step_time_s > middle  # its label goes to the left of the point, inside the axes
-        axes.annotate(
-            f"{number} {method.label}",
-            (method.step_time_s, method.peak_bytes / MIB),
-            fontsize=8,
-            xytext=(-5 if right_half else 5, 4),
-            textcoords="offset points",
-            ha="right" if right_half else "left",
-        )
-    axes.axhline(results.budget_bytes / MIB, linestyle="--", color="gray", label="row 6's budget")
-    axes.margins(x=0.35, y=0.1)  # room for the labels beside the points
-    axes.set_xlabel("step time (s, median)")
-    axes.set_ylabel("whole-step peak memory (MiB)")
-    axes.set_title("memory against time per step")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower left", fontsize=8)
+    methods = results.methods
+    names = [f"{number} {method.label}" for number, method in enumerate(methods, 1)]
+    rows = list(range(len(methods)))[::-1]  # row 1 at the top
+    figure, (memory, time_axes) = pyplot.subplots(
+        1, 2, figsize=PLOT_SIZE, dpi=PLOT_DPI, sharey=True, gridspec_kw={"width_ratios": [3, 1]}
+    )
+    left = [0.0] * len(methods)
+    parts = [
+        ("parameters", "parameter_bytes"),
+        ("gradients", "gradient_bytes"),
+        ("optimizer state", "optimizer_bytes"),
+        ("activations, loss, temporaries", "other_bytes"),
+    ]
+    for label, field in parts:
+        widths = [getattr(method, field) / MIB for method in methods]
+        memory.barh(rows, widths, left=left, label=label, height=0.6)
+        left = [start + width for start, width in zip(left, widths, strict=True)]
+    for row, total in zip(rows, left, strict=True):
+        memory.text(total, row, f" {total:.0f}", va="center", fontsize=8)
+    memory.axvline(results.budget_bytes / MIB, linestyle="--", color="gray", label="row 6's budget")
+    memory.set_yticks(rows, names, fontsize=8)
+    memory.set_xlim(0, max(left) * 1.15)
+    memory.set_xlabel("whole-step peak memory (MiB)")
+    memory.legend(loc="lower right", fontsize=7)
+    memory.grid(axis="x", alpha=0.3)
+    times = [method.step_time_s for method in methods]
+    time_axes.barh(rows, times, height=0.6, color="gray")
+    time_axes.set_xlim(0, max(times) * 1.2)
+    time_axes.set_xlabel("step time (s, median)")
+    time_axes.grid(axis="x", alpha=0.3)
+    figure.suptitle("memory and time per step")
+    figure.tight_layout()
     figure.savefig(paths[0])
     pyplot.close(figure)
 
-    figure, axes = pyplot.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    for number, method in enumerate(results.methods, 1):
-        axes.plot(range(1, len(method.losses) + 1), method.losses, marker="o", label=f"{number} {method.label}")
-    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("mean token loss of the step's batch")
-    axes.set_title("training loss (same weights, same data)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    figure, (losses, differences) = pyplot.subplots(2, 1, figsize=PLOT_SIZE, dpi=PLOT_DPI, sharex=True)
+    reference = methods[0].losses
+    for name, method in zip(names, methods, strict=True):
+        steps = range(1, len(method.losses) + 1)
+        losses.plot(steps, method.losses, marker="o", markersize=3, label=name)
+        differences.plot(
+            steps, [a - b for a, b in zip(method.losses, reference, strict=True)], marker="o", markersize=3
+        )
+    differences.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    differences.set_xlabel("optimizer step")
+    losses.set_ylabel("mean token loss")
+    differences.set_ylabel("minus row 1's")
+    losses.set_title("training loss (same weights, same data)")
+    for axes in (losses, differences):
+        axes.grid(alpha=0.3)
+    losses.legend(fontsize=7)
+    figure.tight_layout()
     figure.savefig(paths[1])
     pyplot.close(figure)
     return paths
