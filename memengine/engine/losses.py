@@ -97,17 +97,28 @@ class LanguageModelParts:
 FUSED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "cohere", "granite")
 
 
+FUSED_LOSS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what linear_cross_entropy's products take
+
+
 def language_model_parts(model):
     """The LanguageModelParts of `model` when causal_lm_loss knows how its logits are made (memengine's GPT, the
     Hugging Face causal LMs of FUSED_LOSS_MODEL_TYPES), else None (the loss is then taken from the logits)."""
     if isinstance(model, GPT) and isinstance(model.head, torch.nn.Linear):
+        if model.head.weight.dtype not in FUSED_LOSS_DTYPES:
+            return None
         return LanguageModelParts(model.hidden_states, model.head)
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        # A peft PeftModel (the model it wraps has peft_config too): its own forward may change the inputs.
+        adapted = _adapted_model(model)
+        return None if adapted is None else language_model_parts(adapted)
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in FUSED_LOSS_MODEL_TYPES:
         return None
     get_head, base = getattr(model, "get_output_embeddings", None), getattr(model, "base_model", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, torch.nn.Linear) or not isinstance(base, torch.nn.Module) or base is model:
+        return None
+    if head.weight.dtype not in FUSED_LOSS_DTYPES:
         return None
     if not type(model).__name__.endswith("ForCausalLM") and type(model).__name__ != "GPT2LMHeadModel":
         return None
@@ -119,6 +130,20 @@ def language_model_parts(model):
     if getattr(config, "logits_scaling", None):
         scale = 1.0 / config.logits_scaling
     return LanguageModelParts(hidden_states, head, scale, getattr(config, "final_logit_softcapping", None))
+
+
+def _adapted_model(model):
+    """The model a peft PeftModel wraps, when its adapters live inside that model's layers (LoRA, IA3 and the like:
+    calling the wrapped model runs them), else None. Prompt-learning methods (prompt, prefix and p-tuning) change
+    the inputs in PeftModel.forward itself: their loss stays on the logits."""
+    try:
+        config = model.active_peft_config
+    except (AttributeError, ValueError):  # several active adapters, or none
+        return None
+    if getattr(config, "is_prompt_learning", True):
+        return None
+    base = model.get_base_model()
+    return base if isinstance(base, torch.nn.Module) and base is not model else None
 
 
 def loss_path(loss_fn, model):

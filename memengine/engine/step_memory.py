@@ -311,6 +311,7 @@ def measure_micro_batch(blocks, sample, buffer):
     handle = segment(blocks, plan=[Segment(i, i + 1, "recompute") for i in range(len(blocks))])
     marks = []  # (phase name, window peak, current) at the end of each phase
     first_call = []  # the first block's (args, kwargs), to profile the blocks with
+    inputs_without_grad = []  # set when the first block's input does not require grad
     live = LiveBytes()
 
     def end_phase(name):
@@ -328,6 +329,8 @@ def measure_micro_batch(blocks, sample, buffer):
         first_call.append((args, kwargs))
         if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
             args[0].register_hook(gradient_reached("blocks backward"))
+        else:  # a frozen embedding (LoRA, adapters): no gradient leaves the blocks, their backward ends the step's
+            inputs_without_grad.append(True)
 
     def blocks_end(module, args, kwargs, output):
         end_phase("blocks forward")
@@ -353,6 +356,8 @@ def measure_micro_batch(blocks, sample, buffer):
                 )
             loss.reshape(()).backward()
             del loss
+            if inputs_without_grad:
+                end_phase("blocks backward")
             end_phase("after blocks")
     finally:
         for hook in hooks:

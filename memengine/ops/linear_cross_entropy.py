@@ -65,8 +65,12 @@ def check_arguments(hidden, weight, labels, bias, label_smoothing, softcap, logi
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name}: labels must be int64 or int32 token ids, got {labels.dtype}")
-    if not hidden.is_floating_point() or not weight.is_floating_point():
-        raise TypeError(f"{name}: hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    supported = (torch.float32, torch.bfloat16, torch.float16)
+    if hidden.dtype not in supported or weight.dtype not in supported:
+        raise TypeError(
+            f"{name}: hidden and weight must be float32, bfloat16 or float16, got {hidden.dtype} and {weight.dtype} "
+            "(for float64, compute the loss from the logits: memengine.causal_lm_loss(..., fused=False))"
+        )
     if bias is not None and (bias.shape != (weight.shape[0],)):
         raise ValueError(f"{name}: bias must be [vocabulary] = [{weight.shape[0]}], got {list(bias.shape)}")
     for tensor_name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
