@@ -7,7 +7,7 @@ import torch
 
 from memengine import plan
 from memengine.models import Block
-from memengine.segments import parse_bytes
+from memengine.segments import activation_share, normalize_budget
 
 
 def add_arguments(parser):
@@ -17,12 +17,17 @@ def add_arguments(parser):
     parser.add_argument("--seq", type=int, default=4096, help="sequence length")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--budget", required=True, help="activation budget, e.g. 24GiB")
+    parser.add_argument(
+        "--budget",
+        required=True,
+        help="the blocks' activation budget: a size (24GiB) or a share of their activations without recompute (50%%)",
+    )
     parser.add_argument("--method", default="optimal", choices=plan.METHODS)
 
 
 def check(args):
-    """The budget in bytes; ValueError("--flag ...: ...") naming the first flag the plan cannot use."""
+    """The budget (bytes, or a share such as "50%"); ValueError("--flag ...: ...") naming the first flag the plan
+    cannot use."""
     problems = [
         (args.layers < 1, "--layers", f"must be at least 1, got {args.layers}"),
         (args.hidden < 1, "--hidden", f"must be positive, got {args.hidden}"),
@@ -39,13 +44,12 @@ def check(args):
         if failed:
             raise ValueError(f"{flag} {message}")
     try:
-        budget = parse_bytes(args.budget)
+        budget = normalize_budget(args.budget)
     except ValueError:
         raise ValueError(
-            f"--budget {args.budget}: give a size of the blocks' activations, such as 24GiB or 512MiB"
+            f"--budget {args.budget}: give a size of the blocks' activations, such as 24GiB or 512MiB, or a share "
+            "of them, such as 50%"
         ) from None
-    if budget <= 0:
-        raise ValueError(f"--budget {args.budget}: must be positive")
     return budget
 
 
@@ -61,6 +65,9 @@ def run(args):
         blocks = [Block(args.hidden, args.heads).to(dtype) for _ in range(args.layers)]
         sample = torch.empty(args.micro_batch, args.seq, args.hidden, dtype=dtype, requires_grad=True)
     chain = plan.profile(blocks, sample)
+    share = activation_share(budget)
+    if share is not None:  # the same meaning as Engine(budget="50%"): that share of the activations kept
+        budget = int(share * plan.simulate(chain, plan.solve(chain, method="none"))["peak_bytes"])
     parameters = sum(p.numel() for b in blocks for p in b.parameters())
     print(
         f"{args.layers} blocks, hidden {args.hidden}, {args.heads} heads, sequence {args.seq}, micro-batch "

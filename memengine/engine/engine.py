@@ -40,7 +40,7 @@ from memengine.engine.step_memory import (
 )
 from memengine.grad import MasterOptimizer
 from memengine.nn import patch
-from memengine.segments import parse_bytes, repeated_blocks, segment
+from memengine.segments import normalize_budget, repeated_blocks, segment
 from memengine.segments.model import Segment
 
 LIVE_ENGINES_ATTRIBUTE = "_memengine_engines"  # read by memengine.nn.unpatch
@@ -76,7 +76,9 @@ class Engine:
         initial_loss_scale, growth_interval: the dynamic scale starts at initial_loss_scale, halves
             on a step with a non-finite gradient (which is skipped) and doubles after
             growth_interval good steps in a row.
-        budget: the whole-step peak (an int of bytes, or a string such as "16GiB"): the most bytes
+        budget: the whole-step peak (an int of bytes, a string such as "16GiB", or a share of the activations such
+            as "50%": the predicted peak without recomputation less the other 50% of one micro-batch's
+            activations, the demo's meaning too): the most bytes
             allocated on the model's device at any moment of one step(batch), i.e. parameters and
             buffers, gradient buffer, fp32 masters, optimizer state, the batch, one micro-batch's
             activations and gradients (the repeated blocks' and the others': embeddings, final
@@ -138,7 +140,7 @@ class Engine:
     ):
         if micro_batch_size < 1:
             raise ValueError(f"Engine: micro_batch_size must be at least 1, got {micro_batch_size}")
-        self.budget = parse_bytes(budget) if isinstance(budget, str) else budget
+        self.budget = normalize_budget(budget)
         self.blocks = blocks
         self.segment_handle = None
         self.measure_memory = measure_memory

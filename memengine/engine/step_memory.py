@@ -35,7 +35,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
-from memengine.segments import SegmentHandle, segment
+from memengine.segments import SegmentHandle, activation_share, segment
 from memengine.segments.allocator_peak import peak_extra_bytes
 from memengine.segments.live_bytes import LiveBytes
 from memengine.segments.model import Segment, segment_profile, simulate
@@ -433,7 +433,9 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
 
     model: the patched model; buffer: its GradBuffer; optimizer: the MasterOptimizer over it;
     blocks: the repeated blocks (a list or nn.ModuleList the model calls in order); budget:
-    whole-step bytes (module docstring) or None (no recompute, prediction only); sample: a
+    whole-step bytes (module docstring), a share of the activations such as "50%" (the peak without
+    recomputation less the other 50% of one micro-batch's activations) or None (no recompute, prediction only);
+    sample: a
     zero-argument callable returning (loss_sum, num_tokens) of the step's largest micro-batch;
     batch: the step's batch (its bytes are resident through the step).
 
@@ -475,11 +477,15 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     least_blocks = smallest_feasible_budget(chain)
     candidates = [solve(chain, least_blocks), [Segment(i, i + 1, "recompute") for i in range(len(blocks))]]
     smallest = max(min(whole(candidate) for candidate in candidates), planning)
+    share, given = activation_share(budget), budget
+    if share is not None:  # "50%": the peak without recomputation less the other half of the activations
+        budget = int(no_recompute_peak - (1 - share) * micro_batch.peak(keep)[0])
+        given = f"{given} of the activations ({human_bytes(micro_batch.peak(keep)[0])})"
     if plan is not None:
         pass  # given: applied as it is
     elif budget is None or budget >= no_recompute_peak:
         plan = keep
-        if budget is not None:
+        if budget is not None and share is None:
             warnings.warn(
                 f"memengine: the whole-step budget of {budget:,} bytes ({human_bytes(budget)}) is at or above the "
                 f"predicted peak without recomputation, {no_recompute_peak:,} bytes ({human_bytes(no_recompute_peak)}):"
@@ -489,7 +495,7 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     elif budget < smallest:
         floor = resident_without_state + state + step_temporaries
         reason = "the resident bytes and the optimizer step alone" if floor > budget else "every plan of the blocks"
-        raise _infeasible(budget, smallest, reason)
+        raise _infeasible(budget, smallest, reason, given)
     else:
         plan = _largest_fitting_plan(chain, whole, budget, least_blocks, no_recompute_peak, candidates)
     handle = None
@@ -533,9 +539,10 @@ def _largest_fitting_plan(chain, whole, budget, low, high, fallbacks):
     return best
 
 
-def _infeasible(budget, smallest, reason):
+def _infeasible(budget, smallest, reason, given=None):
+    described = "" if given is None or isinstance(given, int) else f", {given},"
     return ValueError(
-        f"Engine: a whole-step memory budget of {budget:,} bytes ({human_bytes(budget)}) is too small "
+        f"Engine: a whole-step memory budget of {budget:,} bytes ({human_bytes(budget)}){described} is too small "
         f"({reason} exceed it): the step needs at least {smallest:,} bytes ({human_bytes(smallest)}), its "
         "smallest feasible peak with every block recomputed as the planner would. The budget covers the whole "
         "step (parameters, gradient buffer, masters, optimizer state, batch, activations); raise it to at least "

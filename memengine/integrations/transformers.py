@@ -41,7 +41,7 @@ from memengine.engine.losses import causal_lm_loss, language_model_parts
 from memengine.engine.step_memory import MemoryReport, plan_step_memory
 from memengine.grad import MasterOptimizer
 from memengine.nn import patch
-from memengine.segments import parse_bytes, repeated_blocks
+from memengine.segments import normalize_budget, repeated_blocks
 
 _PREPARED_ATTRIBUTE = "_memengine_preparation"
 
@@ -126,7 +126,7 @@ def prepare(trainer, *, budget=None, blocks=None):
     _refuse_unsupported(trainer, budget)
     buffer = patch(trainer.model)
     buffer.check_coverage()  # a model patched earlier may have gained trainable parameters since
-    preparation = Preparation(buffer, parse_bytes(budget) if isinstance(budget, str) else budget, blocks)
+    preparation = Preparation(buffer, normalize_budget(budget), blocks)
     setattr(trainer, _PREPARED_ATTRIBUTE, preparation)
     if trainer.optimizer is not None:  # passed as Trainer(optimizers=(optimizer, None))
         trainer.optimizer = preparation.optimizer = _over_masters(trainer.optimizer, buffer)

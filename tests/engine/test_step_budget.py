@@ -180,3 +180,21 @@ def test_a_longer_batch_is_planned_again_and_every_step_fits_the_budget(limits):
         plans.append(report.plan)
     assert plans[0] == "keep 0-3" and plans[1] != plans[0], plans
     assert plans[2] == plans[3] == plans[1], "the longer batch's plan covers the shorter one: no third plan"
+
+
+def test_a_percentage_budget_keeps_that_share_of_the_activations(limits):
+    """Engine(budget="50%") means what the demo's --budget 50% and `plan --budget 50%` mean: the peak without
+    recomputation less the other half of one micro-batch's activations; it recomputes, fits, changes no number."""
+    _, largest, losses, parameters = limits
+    engine, results = train("50%")
+    report = results[-1][1]
+    assert engine.budget == "50%"
+    assert report.budget < largest and report.plan != "keep 0-3", str(report)
+    assert report.measured_peak <= report.budget, str(report)
+    assert all(torch.equal(a, b) for (a, _), b in zip(results, losses, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(engine.model.parameters(), parameters, strict=True))
+    with pytest.raises(ValueError, match=r"1% of the activations .* is too small .* at least"):
+        train("1%", measure=False, steps=1)
+    for bad in ("0%", "150%", "half%", "-5MiB", 0):
+        with pytest.raises(ValueError, match="budget|size"):
+            me.Engine(llama(), ADAMW, micro_batch_size=4, budget=bad)

@@ -326,6 +326,10 @@ def test_a_budget_plans_recomputation_instead_of_activation_checkpointing_and_ch
     assert all(torch.equal(a, b) for a, b in zip(planned_parameters, parameters, strict=True))
     with pytest.raises(ValueError, match="at least"):
         run("too small", budget=budget - 1)
+    # A share of the activations, as Engine(budget="50%") takes it: no number changes either.
+    shared, shared_losses, _ = run("shared", budget="100%")
+    assert shared.budget == "100%" and shared.memory_plan.budget == report.no_recompute_peak
+    assert shared_losses == losses
     with pytest.raises(RuntimeError, match="choose"):
         prepare(
             transformers.Trainer(model=make_model("gpt2"), args=training_args(tmp_path, activation_checkpointing=True)),
