@@ -17,6 +17,15 @@ TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 CMAKE_BUILD_DIR ?= cmake-build$(subst .venv,,$(VENV))
 
+# Without a GPU the CUDA kernels are not built unless asked for (MEMENGINE_REQUIRE_CUDA=1, or
+# MEMENGINE_SKIP_CUDA_BUILD=0): when nvcc happens to be installed, compiling them for two architectures took
+# 169 s on an idle 2-core machine and 13 minutes on a shared one, for kernels that cannot run there.
+HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo yes)
+ifeq ($(HAVE_GPU)$(MEMENGINE_REQUIRE_CUDA)$(MEMENGINE_SKIP_CUDA_BUILD),)
+export MEMENGINE_SKIP_CUDA_BUILD := 1
+$(info make: no GPU here: building memengine's CPU kernels only (MEMENGINE_REQUIRE_CUDA=1 builds the CUDA ones too))
+endif
+
 .PHONY: test bench demo build venv cpp-test py-test hf-latest-test clean FORCE
 
 # `make` recompiles the extension only when something it is built from changed since the last build
@@ -47,7 +56,9 @@ build: $(BUILD_STAMP)
 # --no-build-isolation: compile against the torch in $(VENV), never a second copy (README, "Installing").
 # The distribution is torch-memengine ("memengine" on PyPI is an unrelated project).
 $(BUILD_STAMP): $(VENV)/.installed $(BUILD_INPUTS) $(if $(BUILD_STALE),FORCE)
-	$(PY) -m pip install --no-build-isolation --no-deps --editable . -v 2>&1 | tee $(VENV)/build.log | grep -E "memengine setup|rror" || true
+	@echo "make: building memengine (full log: $(VENV)/build.log)"
+	$(PY) -m pip install --no-build-isolation --no-deps --editable . -v 2>&1 | tee $(VENV)/build.log | \
+		sed -unE -e '/memengine setup|rror/p' -e 's/^ *\[([0-9]+\/[0-9]+)\] .* -c [^ ]*(csrc\/[^ ]+\.(cpp|cu)).*/  [\1] compiling \2/p'
 	@grep -q "Successfully installed torch-memengine" $(VENV)/build.log || (tail -40 $(VENV)/build.log; exit 1)
 	@echo '$(BUILD_KNOBS)' "$$($(EXTENSION_CHECKSUM))" > $@
 

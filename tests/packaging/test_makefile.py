@@ -105,7 +105,36 @@ def test_a_changed_build_knob_recompiles(tree):
     assert make(tree, "build")[2] == 1
     assert make(tree, "build", DEBUG="1")[2] == 2
     assert make(tree, "build", DEBUG="1")[2] == 2
-    assert make(tree, "build", MEMENGINE_SKIP_CUDA_BUILD="1", DEBUG="1")[2] == 3
+    # "0": a value that differs from the default both with a GPU (unset) and without one (make sets 1).
+    assert make(tree, "build", MEMENGINE_SKIP_CUDA_BUILD="0", DEBUG="1")[2] == 3
+
+
+def fake_nvidia_smi(tree, listing):
+    """A directory holding an nvidia-smi that prints `listing`, for PATH."""
+    folder = tree / "fake-bin"
+    folder.mkdir(exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho '{listing}'\n")
+    script.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize(
+    "listing, skipped",
+    [("", True), ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)", False)],
+    ids=["no GPU", "a GPU"],
+)
+def test_without_a_gpu_the_cuda_kernels_are_not_built_unless_asked_for(tree, listing, skipped):
+    """Compiling the CUDA kernels took minutes (13 on a shared 2-core machine) where none can run (issue 19)."""
+    path = fake_nvidia_smi(tree, listing)
+    status, output, _ = make(tree, "build", PATH=path)
+    assert status == 0, output
+    stamp = (tree / "venv" / ".built").read_text()
+    assert ("MEMENGINE_SKIP_CUDA_BUILD=1" in stamp) == skipped, stamp
+    assert ("CPU kernels only" in output) == skipped, output
+    if skipped:  # asked for: CI's CUDA stage
+        make(tree, "build", PATH=path, MEMENGINE_REQUIRE_CUDA="1")
+        assert "MEMENGINE_SKIP_CUDA_BUILD= " in (tree / "venv" / ".built").read_text()
 
 
 def test_an_extension_from_another_venv_or_a_missing_one_recompiles(tree):
