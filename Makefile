@@ -25,6 +25,15 @@ ifeq ($(HAVE_GPU)$(MEMENGINE_REQUIRE_CUDA)$(MEMENGINE_SKIP_CUDA_BUILD),)
 export MEMENGINE_SKIP_CUDA_BUILD := 1
 $(info make: no GPU here: building memengine's CPU kernels only (MEMENGINE_REQUIRE_CUDA=1 builds the CUDA ones too))
 endif
+# With one, the CUDA kernels are compiled for its architecture only, unless TORCH_CUDA_ARCH_LIST says otherwise
+# (CI compiles for sm_80 and sm_90 explicitly).
+ifeq ($(HAVE_GPU)$(TORCH_CUDA_ARCH_LIST),yes)
+LOCAL_CUDA_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+ifneq ($(LOCAL_CUDA_ARCH),)
+export TORCH_CUDA_ARCH_LIST := $(LOCAL_CUDA_ARCH)
+$(info make: building the CUDA kernels for this GPU's architecture, $(LOCAL_CUDA_ARCH) (TORCH_CUDA_ARCH_LIST overrides))
+endif
+endif
 
 .PHONY: test bench demo build venv cpp-test py-test hf-latest-test clean FORCE
 

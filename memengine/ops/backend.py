@@ -66,8 +66,6 @@ else:  # other platforms or implementations: the portable path
     _environ, _ENV_VAR_KEY, _INTERPRET_KEY = os.environ, ENV_VAR, "TRITON_INTERPRET"
 
 
-# Under torch.compile the choice is made once, while tracing, and baked into the graph.
-@torch.compiler.assume_constant_result
 def select(op, device_type):
     """The backend that runs `op` on `device_type` tensors under the current MEMENGINE_BACKEND.
 
@@ -79,6 +77,13 @@ def select(op, device_type):
     if backend is None:
         backend = _selected[key] = _select_uncached(op, device_type)
     return backend
+
+
+# Under torch.compile the choice is made once, while tracing, and baked into the graph: what
+# torch.compiler.assume_constant_result(select) does. That decorator imports torch._dynamo, 1 s of
+# `import memengine` (issue 19); all it does is set this attribute, which
+# tests/ops/test_backend.py checks against the decorator itself.
+select._dynamo_marked_constant = True
 
 
 def _select_uncached(op, device_type):

@@ -143,7 +143,9 @@ class CheckpointFrame:
 
     # Under torch.compile the call runs eagerly: a compiled region saves other tensors, in another
     # order, than the eager recomputation in backward would reproduce (the metadata check then fails).
-    @torch.compiler.disable
+    # torch._disable_dynamo is torch.compiler.disable with torch._dynamo imported at the first call, not
+    # at `import memengine` (1 s of import time, issue 19); torch's own optimizers use it alike.
+    @torch._disable_dynamo
     def call(self, fn, args, kwargs, *, chain=None, context=None):
         """Runs fn(*args, **kwargs) as the frame's next call (under `context` too) and returns its output."""
         leaves = tree_flatten((args, kwargs))[0]

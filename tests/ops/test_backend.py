@@ -143,3 +143,29 @@ def test_info_command_text():
     )
     assert result.returncode == 0, result.stderr
     assert "accumulate_" in result.stdout and "torch" in result.stdout
+
+
+def test_select_is_marked_constant_for_torch_compile_as_the_public_decorator_marks_it():
+    """backend.select sets the attribute torch.compiler.assume_constant_result sets, without importing
+    torch._dynamo at `import memengine` (issue 19: 1 s of import time); if torch changes the decorator, this fails."""
+    import torch
+
+    from memengine.ops import backend
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    attributes = {name for name in vars(marked) if name.startswith("_dynamo")}
+    assert attributes == {"_dynamo_marked_constant"} and marked._dynamo_marked_constant is True
+    assert backend.select._dynamo_marked_constant is True
+
+
+def test_import_memengine_does_not_import_torch_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, memengine; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False", "import memengine imported torch._dynamo (about 1 s)"

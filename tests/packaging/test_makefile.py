@@ -114,7 +114,7 @@ def fake_nvidia_smi(tree, listing):
     folder = tree / "fake-bin"
     folder.mkdir(exist_ok=True)
     script = folder / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\necho '{listing}'\n")
+    script.write_text(f"#!/bin/sh\nif [ \"$1\" = -L ]; then echo '{listing}'; else echo ' 9.0'; fi\n")
     script.chmod(0o755)
     return f"{folder}:{os.environ['PATH']}"
 
@@ -132,9 +132,14 @@ def test_without_a_gpu_the_cuda_kernels_are_not_built_unless_asked_for(tree, lis
     stamp = (tree / "venv" / ".built").read_text()
     assert ("MEMENGINE_SKIP_CUDA_BUILD=1" in stamp) == skipped, stamp
     assert ("CPU kernels only" in output) == skipped, output
+    # With a GPU, its architecture only (nvidia-smi's compute capability), unless TORCH_CUDA_ARCH_LIST is given.
+    assert ("TORCH_CUDA_ARCH_LIST=9.0 " in stamp) == (not skipped), stamp
     if skipped:  # asked for: CI's CUDA stage
         make(tree, "build", PATH=path, MEMENGINE_REQUIRE_CUDA="1")
         assert "MEMENGINE_SKIP_CUDA_BUILD= " in (tree / "venv" / ".built").read_text()
+    else:
+        make(tree, "build", PATH=path, TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX")
+        assert "TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX " in (tree / "venv" / ".built").read_text()
 
 
 def test_an_extension_from_another_venv_or_a_missing_one_recompiles(tree):
