@@ -243,17 +243,31 @@ def write_results(results, out):
 
 
 def plot(results, out):
-    """memory_vs_time.png (per method: its whole-step peak as stacked bars of what it is made of, row 6's budget a
-    line, and its step time, both axes from zero) and loss.png (the losses, and each method's difference from
-    row 1's, where the curves would otherwise lie on top of each other); returns the paths. ImportError without
+    """memory_vs_time.png (memory_figure) and loss.png (loss_figure); returns the paths. ImportError without
     matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.ticker
     from matplotlib import pyplot
 
     paths = [out / "memory_vs_time.png", out / "loss.png"]
+    for make_figure, path in zip((memory_figure, loss_figure), paths, strict=True):
+        figure = make_figure(results)
+        figure.savefig(path)
+        pyplot.close(figure)
+    return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def memory_figure(results):
+    """Per method: its whole-step peak as stacked bars of what it is made of, row 6's budget a line, and its step
+    time, both axes from zero, one label per bar (none can overprint another)."""
+    pyplot = _pyplot()
     methods = results.methods
     names = [f"{number} {method.label}" for number, method in enumerate(methods, 1)]
     rows = list(range(len(methods)))[::-1]  # row 1 at the top
@@ -285,15 +299,21 @@ def plot(results, out):
     time_axes.set_xlabel("step time (s, median)")
     time_axes.grid(axis="x", alpha=0.3)
     figure.suptitle("memory and time per step")
-    figure.tight_layout()
-    figure.savefig(paths[0])
-    pyplot.close(figure)
+    figure.tight_layout(w_pad=2.5)  # room between the panels' outer tick labels
+    return figure
 
+
+def loss_figure(results):
+    """The losses, and each method's difference from row 1's, where the curves would lie on top of each other."""
+    pyplot = _pyplot()
+    import matplotlib.ticker
+
+    methods = results.methods
     figure, (losses, differences) = pyplot.subplots(2, 1, figsize=PLOT_SIZE, dpi=PLOT_DPI, sharex=True)
     reference = methods[0].losses
-    for name, method in zip(names, methods, strict=True):
+    for number, method in enumerate(methods, 1):
         steps = range(1, len(method.losses) + 1)
-        losses.plot(steps, method.losses, marker="o", markersize=3, label=name)
+        losses.plot(steps, method.losses, marker="o", markersize=3, label=f"{number} {method.label}")
         differences.plot(
             steps, [a - b for a, b in zip(method.losses, reference, strict=True)], marker="o", markersize=3
         )
@@ -306,6 +326,5 @@ def plot(results, out):
         axes.grid(alpha=0.3)
     losses.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(paths[1])
-    pyplot.close(figure)
-    return paths
+    figure.subplots_adjust(hspace=0.3)  # room between the panels' outer tick labels
+    return figure

@@ -656,10 +656,24 @@ def claims(demo):
     ]
 
 
+def cpu_name():
+    """The CPU's model name (the demo's time ratios depend on it: AVX512-BF16, AMX and core counts differ)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device):
     return {
         "memengine": memengine.__version__,
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()}",
         "threads": torch.get_num_threads(),
     }

@@ -128,6 +128,37 @@ def test_plots_are_pngs_of_the_expected_size(quick_run):
             assert colours is None or len(colours) > 20, f"{name} is (nearly) blank"
 
 
+def results_of(results_json):
+    """The DemoResults a run wrote to results.json."""
+    import dataclasses
+
+    method_fields = {f.name for f in dataclasses.fields(demo.MethodResult)}
+    result_fields = {f.name for f in dataclasses.fields(demo.DemoResults)}
+    methods = [demo.MethodResult(**{k: v for k, v in m.items() if k in method_fields}) for m in results_json["methods"]]
+    return demo.DemoResults(**{**{k: v for k, v in results_json.items() if k in result_fields}, "methods": methods})
+
+
+def test_no_two_labels_of_a_picture_overlap_and_byte_axes_start_at_zero(quick_run):
+    """Issue 19: the row 2 and row 3 labels overprinted each other, and the memory axis started near 57 MiB."""
+    import itertools
+
+    import matplotlib.text
+    from matplotlib import pyplot
+
+    results = results_of(quick_run[2])
+    for make_figure in (demo_cli.memory_figure, demo_cli.loss_figure):
+        figure = make_figure(results)
+        figure.canvas.draw()  # lays out the legends too
+        renderer = figure.canvas.get_renderer()
+        texts = [t for t in figure.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+        for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2):
+            assert not box_a.overlaps(box_b), f"{make_figure.__name__}: {a!r} overlaps {b!r}"
+        if make_figure is demo_cli.memory_figure:
+            assert all(axes.get_xlim()[0] == 0 for axes in figure.axes), [axes.get_xlim() for axes in figure.axes]
+        pyplot.close(figure)
+
+
 @pytest.mark.parametrize(
     "flags, named",
     [
