@@ -7,7 +7,8 @@ import torch
 
 from memengine import plan
 from memengine.models import Block
-from memengine.segments import activation_share, normalize_budget
+from memengine.segments import normalize_budget
+from memengine.segments.solve import activation_budget
 
 
 def add_arguments(parser):
@@ -65,9 +66,7 @@ def run(args):
         blocks = [Block(args.hidden, args.heads).to(dtype) for _ in range(args.layers)]
         sample = torch.empty(args.micro_batch, args.seq, args.hidden, dtype=dtype, requires_grad=True)
     chain = plan.profile(blocks, sample)
-    share = activation_share(budget)
-    if share is not None:  # the same meaning as Engine(budget="50%"): that share of the activations kept
-        budget = int(share * plan.simulate(chain, plan.solve(chain, method="none"))["peak_bytes"])
+    budget = activation_budget(chain, budget)  # "50%": as Engine(budget="50%"), that share of the activations
     parameters = sum(p.numel() for b in blocks for p in b.parameters())
     print(
         f"{args.layers} blocks, hidden {args.hidden}, {args.heads} heads, sequence {args.seq}, micro-batch "

@@ -21,10 +21,11 @@ import weakref
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from memengine.segments.budget import normalize_budget
 from memengine.segments.checkpoint import CheckpointFrame
 from memengine.segments.model import check_plan
 from memengine.segments.profile import SELECTIVE_KEPT_OPS, cuda_devices, hidden_state, profile, without_caches
-from memengine.segments.solve import solve
+from memengine.segments.solve import activation_budget, solve
 from memengine.segments.state_protection import NoStateUpdates
 
 
@@ -150,8 +151,10 @@ def _install_checkpoint(members, runner, first_index=0):
 
 
 def segment(blocks, plan=None, budget=None, sample=None):
-    """Applies `plan` (a list of memengine.plan.Segment), or the optimal plan for `budget` bytes
-    after profiling with `sample`, to `blocks` in place; returns a handle with .remove().
+    """Applies `plan` (a list of memengine.plan.Segment), or the optimal plan for `budget` (the blocks'
+    activations: bytes, a size such as "2GiB", or a share of them without recomputation such as "50%", as
+    Engine(budget=) and `python -m memengine plan` take it) after profiling with `sample`, to `blocks` in
+    place; returns a handle with .remove().
 
     sample: for an nn.Sequential, its input (a tensor or a tuple of arguments); for an
     nn.ModuleList, a zero-argument callable that runs one forward of the whole model (memengine
@@ -161,8 +164,9 @@ def segment(blocks, plan=None, budget=None, sample=None):
     if plan is None:
         if budget is None or sample is None:
             raise ValueError("segment: pass a plan, or a budget together with a sample to profile")
+        budget = normalize_budget(budget)
         chain = profile_sample(blocks, sample)
-        plan = solve(chain, budget)
+        plan = solve(chain, activation_budget(chain, budget))
     check_plan(range(len(blocks)), plan)
     _install(blocks, plan)
     return SegmentHandle(blocks, plan, chain)

@@ -6,7 +6,7 @@ import math
 import numbers
 
 from memengine.ops import extension
-from memengine.segments.budget import parse_bytes
+from memengine.segments.budget import activation_share, parse_bytes
 from memengine.segments.model import POLICIES, InfeasibleBudgetError, Segment, profiles_from, simulate
 
 METHODS = ("optimal", "sqrt", "uniform", "none", "all")
@@ -135,3 +135,12 @@ def solve(chain, budget_bytes=None, method="optimal", segment_blocks=None):
     if plan is None:
         raise InfeasibleBudgetError(budget_bytes, smallest_feasible_budget(chain))
     return plan
+
+
+def activation_budget(chain, budget):
+    """The blocks' activation budget in bytes: `budget` itself, or for a share such as "50%" (normalize_budget)
+    that share of the chain's activation peak without recomputation, the meaning Engine(budget="50%") gives it."""
+    share = activation_share(budget)
+    if share is None:
+        return budget
+    return int(share * simulate(chain, _none(chain))["peak_bytes"])

@@ -235,3 +235,21 @@ def test_profile_synchronises_its_timings_when_the_chain_is_on_cuda(monkeypatch)
     # Each block: its recorded forward's ops, then 2 timed runs (forward; forward and backward)
     # of a warm-up plus 3 repeats, two waits per op and per repeat.
     assert len(waits) >= 2 * len(blocks) * (4 + 3 + 3)
+
+
+def test_segment_with_a_percentage_keeps_that_share_of_the_blocks_activations():
+    """me.segment(budget="50%") means what Engine(budget="50%") and `plan --budget 50%` mean: half of the blocks'
+    activations without recomputation kept; "100%" keeps every block."""
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(*(Block() for _ in range(4)))
+    x = torch.randn(8, WIDTH, generator=torch.Generator().manual_seed(1))
+    everything = me.segment(blocks, budget="100%", sample=x)
+    assert all(s.policy == "keep" for s in everything.plan)
+    full = me.plan.simulate(everything.chain, everything.plan)["peak_bytes"]
+    everything.remove()
+    half = me.segment(blocks, budget="50%", sample=x)
+    assert any(s.policy != "keep" for s in half.plan)
+    assert me.plan.simulate(half.chain, half.plan)["peak_bytes"] <= full // 2
+    half.remove()
+    with pytest.raises(ValueError, match="percentage"):
+        me.segment(blocks, budget="0%", sample=x)
