@@ -14,12 +14,15 @@ dependence on the weight (gradient penalties); accumulating a differentiable gra
 buffer is refused.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 
 def _autocast_dtype(device_type):
-    if torch.is_autocast_enabled(device_type):
+    # The meta device has no autocast (asking raises): memengine.plan's predictions run the model there.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -56,7 +59,12 @@ class FusedLinearFunction(torch.autograd.Function):
         ctx.sink = sink
         ctx.parameters = (weight, bias)  # the Parameters themselves: the sink needs their main_grad
         ctx.cast = _autocast_dtype(input.device.type)
-        with torch.autocast(input.device.type, enabled=False):
+        no_autocast = (
+            torch.autocast(input.device.type, enabled=False)
+            if torch.amp.is_autocast_available(input.device.type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
             if ctx.cast is not None:  # compute in the autocast dtype, as F.linear would, and save the cast tensors
                 input, weight = input.to(ctx.cast), weight.to(ctx.cast)
                 bias = None if bias is None else bias.to(ctx.cast)

@@ -21,7 +21,10 @@ def _span(t):
 
 
 def _share_bytes(a, b):
-    """True if a and b touch a common byte (judged by the ranges their elements span)."""
+    """True if a and b touch a common byte (judged by the ranges their elements span). Meta tensors (a
+    prediction's) have no bytes: never."""
+    if a.is_meta or b.is_meta:
+        return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     (a_begin, a_end), (b_begin, b_end) = _span(a), _span(b)

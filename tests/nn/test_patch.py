@@ -81,3 +81,19 @@ def test_deepcopy_of_a_model_with_a_direct_grad_buffer_is_unpatched():
     loss_sum(duplicate, tokens())[0].backward()  # the copied forward pre-hook does nothing on the copy
     assert all(p.grad is not None for p in duplicate.parameters())
     assert not any(buffer.received_gradient(p) for p in model.parameters())
+
+
+def test_a_patched_model_runs_forward_and_backward_on_the_meta_device():
+    """Shapes without memory (predictions of models too large to build): the fused layers and the fused loss run
+    on the meta device, where autocast does not exist and every tensor has the data pointer 0 (so memory
+    overlap checks, which would all report an overlap, are skipped)."""
+    from memengine.models import GPT
+
+    with torch.device("meta"):
+        model = GPT(vocab=64, width=32, layers=2, heads=4, length=16)
+    buffer = me.patch(model)
+    tokens = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    loss, _ = me.linear_cross_entropy(model.hidden_states(tokens), model.head.weight, tokens)
+    loss.backward()
+    assert loss.is_meta and buffer.data.is_meta
+    assert all(buffer.received_gradient(p) for p in buffer.params)
