@@ -190,3 +190,19 @@ def test_the_logits_never_exist_whole():
     # The weight tile's fp32 copy and the logits tile (each about chunk / 2), the tokens' fp32 rows and gradient.
     assert fused_peak < 1.5 * chunk + 4 * tokens * hidden * 4, fused_peak
     assert peak_extra_bytes(plain, h.device) > tokens * vocabulary * 4
+
+
+def test_a_label_outside_the_vocabulary_raises_instead_of_a_wrong_loss():
+    """torch's cross_entropy raises on such a target; picking no logit would give lse - 0, a silently wrong loss.
+    ignore_index itself may lie outside the vocabulary (-100) and is skipped."""
+    h, w, _, labels = make()
+    for bad in (203, -1, 10_000):
+        wrong = labels.clone()
+        wrong[3] = bad
+        with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary"):
+            me.linear_cross_entropy(h, w, wrong)
+    shifted = labels.clone()
+    shifted[shifted == -100] = 500  # another ignore_index, itself outside the vocabulary
+    loss, count = me.linear_cross_entropy(h, w, shifted, ignore_index=500)
+    torch.testing.assert_close(loss, me.linear_cross_entropy(h, w, labels)[0])
+    assert int(count) == int((labels != -100).sum())
