@@ -89,10 +89,6 @@ __global__ void __launch_bounds__(kBackwardThreads)
   }
 }
 
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 const float* pointer_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
 }  // namespace
@@ -102,9 +98,7 @@ void cross_entropy_tile_forward_(const at::Tensor& logits, const std::optional<a
                                  const at::Tensor& running_max, const at::Tensor& running_sum, const at::Tensor& target,
                                  const std::optional<at::Tensor>& logit_sum) {
   const at::Tensor sums = logit_sum.has_value() ? *logit_sum : at::Tensor();
-  check_cross_entropy_tile_args(
-      "cross_entropy_tile_forward_", logits, bias, labels, start, softcap,
-      {{"running_max", running_max}, {"running_sum", running_sum}, {"target", target}, {"logit_sum", sums}});
+  check_cross_entropy_tile_forward_args(logits, bias, labels, start, softcap, running_max, running_sum, target, sums);
   TORCH_CHECK_VALUE(logits.is_cuda(), "cross_entropy_tile_forward_: logits is on ", logits.device(),
                     " but the CUDA kernel was called");
   if (logits.numel() == 0) return;
@@ -124,8 +118,7 @@ void cross_entropy_tile_backward_(const at::Tensor& logits, const std::optional<
                                   const at::Tensor& labels, int64_t start, double logit_scale, double softcap,
                                   const at::Tensor& lse, const at::Tensor& probability_scale,
                                   const at::Tensor& row_scale, double uniform, double target_weight) {
-  check_cross_entropy_tile_args("cross_entropy_tile_backward_", logits, bias, labels, start, softcap,
-                                {{"lse", lse}, {"probability_scale", probability_scale}, {"row_scale", row_scale}});
+  check_cross_entropy_tile_backward_args(logits, bias, labels, start, softcap, lse, probability_scale, row_scale);
   TORCH_CHECK_VALUE(logits.is_cuda(), "cross_entropy_tile_backward_: logits is on ", logits.device(),
                     " but the CUDA kernel was called");
   if (logits.numel() == 0) return;

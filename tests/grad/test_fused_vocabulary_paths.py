@@ -8,27 +8,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_backward_paths import FailOnce  # identity whose backward raises while armed
 
 import memengine as me
 
 VOCABULARY, WIDTH = 53, 16
-
-
-class FailOnce(torch.autograd.Function):
-    """Identity whose backward raises while `armed` is set: after the head's gradient reached the buffer and before
-    the embedding's did."""
-
-    armed = False
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if FailOnce.armed:
-            raise RuntimeError("simulated out of memory")
-        return grad
 
 
 class LanguageModel(torch.nn.Module):

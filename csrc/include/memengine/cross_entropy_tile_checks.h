@@ -53,4 +53,27 @@ inline void check_cross_entropy_tile_args(const char* op, const at::Tensor& logi
   }
 }
 
+// The checks of each op's arguments, as both the CPU and the CUDA entry points take them.
+inline void check_cross_entropy_tile_forward_args(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
+                                                  const at::Tensor& labels, int64_t start, double softcap,
+                                                  const at::Tensor& running_max, const at::Tensor& running_sum,
+                                                  const at::Tensor& target, const at::Tensor& logit_sum) {
+  check_cross_entropy_tile_args(
+      "cross_entropy_tile_forward_", logits, bias, labels, start, softcap,
+      {{"running_max", running_max}, {"running_sum", running_sum}, {"target", target}, {"logit_sum", logit_sum}});
+}
+
+inline void check_cross_entropy_tile_backward_args(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
+                                                   const at::Tensor& labels, int64_t start, double softcap,
+                                                   const at::Tensor& lse, const at::Tensor& probability_scale,
+                                                   const at::Tensor& row_scale) {
+  check_cross_entropy_tile_args("cross_entropy_tile_backward_", logits, bias, labels, start, softcap,
+                                {{"lse", lse}, {"probability_scale", probability_scale}, {"row_scale", row_scale}});
+}
+
+// An optional tensor argument made contiguous, or an undefined tensor for None.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
 }  // namespace memengine
