@@ -268,6 +268,8 @@ def memory_figure(results):
     """Per method: its whole-step peak as stacked bars of what it is made of, row 6's budget a line, and its step
     time, both axes from zero, one label per bar (none can overprint another)."""
     pyplot = _pyplot()
+    import matplotlib.ticker
+
     methods = results.methods
     names = [f"{number} {method.label}" for number, method in enumerate(methods, 1)]
     rows = list(range(len(methods)))[::-1]  # row 1 at the top
@@ -290,16 +292,19 @@ def memory_figure(results):
     memory.axvline(results.budget_bytes / MIB, linestyle="--", color="gray", label="row 6's budget")
     memory.set_yticks(rows, names, fontsize=8)
     memory.set_xlim(0, max(left) * 1.15)
+    # No tick label at the panel's right end, where the time panel's first one begins.
+    memory.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(prune="upper"))
     memory.set_xlabel("whole-step peak memory (MiB)")
-    memory.legend(loc="lower right", fontsize=7)
     memory.grid(axis="x", alpha=0.3)
     times = [method.step_time_s for method in methods]
     time_axes.barh(rows, times, height=0.6, color="gray")
     time_axes.set_xlim(0, max(times) * 1.2)
     time_axes.set_xlabel("step time (s, median)")
     time_axes.grid(axis="x", alpha=0.3)
+    # The legend below the panels, where no bar or label can run into it.
+    figure.legend(*memory.get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=7, frameon=False)
     figure.suptitle("memory and time per step")
-    figure.tight_layout(w_pad=2.5)  # room between the panels' outer tick labels
+    figure.tight_layout(w_pad=2.5, rect=(0, 0.05, 1, 1))  # room between the panels' outer tick labels
     return figure
 
 
@@ -321,10 +326,11 @@ def loss_figure(results):
     differences.set_xlabel("optimizer step")
     losses.set_ylabel("mean token loss")
     differences.set_ylabel("minus row 1's")
+    # Its tick labels on the right: the two panels' labels at their common edge cannot meet.
+    differences.yaxis.tick_right()
     losses.set_title("training loss (same weights, same data)")
     for axes in (losses, differences):
         axes.grid(alpha=0.3)
     losses.legend(fontsize=7)
     figure.tight_layout()
-    figure.subplots_adjust(hspace=0.3)  # room between the panels' outer tick labels
     return figure
