@@ -59,10 +59,9 @@ class FusedLinearFunction(torch.autograd.Function):
         ctx.sink = sink
         ctx.parameters = (weight, bias)  # the Parameters themselves: the sink needs their main_grad
         ctx.cast = _autocast_dtype(input.device.type)
+        # Only an enabled autocast needs switching off (the meta device has none to switch).
         no_autocast = (
-            torch.autocast(input.device.type, enabled=False)
-            if torch.amp.is_autocast_available(input.device.type)
-            else contextlib.nullcontext()
+            torch.autocast(input.device.type, enabled=False) if ctx.cast is not None else contextlib.nullcontext()
         )
         with no_autocast:
             if ctx.cast is not None:  # compute in the autocast dtype, as F.linear would, and save the cast tensors

@@ -477,10 +477,11 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     least_blocks = smallest_feasible_budget(chain)
     candidates = [solve(chain, least_blocks), [Segment(i, i + 1, "recompute") for i in range(len(blocks))]]
     smallest = max(min(whole(candidate) for candidate in candidates), planning)
-    share, given = activation_share(budget), budget
+    share, described = activation_share(budget), None
     if share is not None:  # "50%": the peak without recomputation less the other half of the activations
-        budget = int(no_recompute_peak - (1 - share) * micro_batch.peak(keep)[0])
-        given = f"{given} of the activations ({human_bytes(micro_batch.peak(keep)[0])})"
+        activations = micro_batch.peak(keep)[0]
+        described = f"{budget} of the activations ({human_bytes(activations)})"
+        budget = int(no_recompute_peak - (1 - share) * activations)
     if plan is not None:
         pass  # given: applied as it is
     elif budget is None or budget >= no_recompute_peak:
@@ -495,7 +496,7 @@ def plan_step_memory(model, buffer, optimizer, blocks, budget, sample, batch=Non
     elif budget < smallest:
         floor = resident_without_state + state + step_temporaries
         reason = "the resident bytes and the optimizer step alone" if floor > budget else "every plan of the blocks"
-        raise _infeasible(budget, smallest, reason, given)
+        raise _infeasible(budget, smallest, reason, described)
     else:
         plan = _largest_fitting_plan(chain, whole, budget, least_blocks, no_recompute_peak, candidates)
     handle = None
@@ -539,8 +540,8 @@ def _largest_fitting_plan(chain, whole, budget, low, high, fallbacks):
     return best
 
 
-def _infeasible(budget, smallest, reason, given=None):
-    described = "" if given is None or isinstance(given, int) else f", {given},"
+def _infeasible(budget, smallest, reason, described=None):
+    described = "" if described is None else f", {described},"
     return ValueError(
         f"Engine: a whole-step memory budget of {budget:,} bytes ({human_bytes(budget)}){described} is too small "
         f"({reason} exceed it): the step needs at least {smallest:,} bytes ({human_bytes(smallest)}), its "

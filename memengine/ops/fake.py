@@ -4,7 +4,8 @@ from memengine.ops.validation import (
     check_accumulate_args,
     check_bias_grad_args,
     check_clip_args,
-    check_cross_entropy_tile_args,
+    check_cross_entropy_tile_backward_args,
+    check_cross_entropy_tile_forward_args,
     check_grad_stats_args,
     check_multi_accumulate_args,
     check_wgrad_args,
@@ -39,12 +40,14 @@ def clip_fake(flat, stats, max_norm):
 def cross_entropy_tile_forward_fake(
     logits, bias, labels, start, logit_scale, softcap, running_max, running_sum, target, logit_sum
 ):
-    per_row = {"running_max": running_max, "running_sum": running_sum, "target": target, "logit_sum": logit_sum}
-    check_cross_entropy_tile_args("cross_entropy_tile_forward_", logits, bias, labels, start, softcap, per_row, False)
+    check_cross_entropy_tile_forward_args(
+        logits, bias, labels, start, softcap, running_max, running_sum, target, logit_sum, check_memory=False
+    )
 
 
 def cross_entropy_tile_backward_fake(
     logits, bias, labels, start, logit_scale, softcap, lse, probability_scale, row_scale, uniform, target_weight
 ):
-    per_row = {"lse": lse, "probability_scale": probability_scale, "row_scale": row_scale}
-    check_cross_entropy_tile_args("cross_entropy_tile_backward_", logits, bias, labels, start, softcap, per_row, False)
+    check_cross_entropy_tile_backward_args(
+        logits, bias, labels, start, softcap, lse, probability_scale, row_scale, check_memory=False
+    )

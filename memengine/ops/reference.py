@@ -9,7 +9,8 @@ from memengine.ops.validation import (
     check_accumulate_args,
     check_bias_grad_args,
     check_clip_args,
-    check_cross_entropy_tile_args,
+    check_cross_entropy_tile_backward_args,
+    check_cross_entropy_tile_forward_args,
     check_grad_stats_args,
     check_multi_accumulate_args,
     check_wgrad_args,
@@ -128,8 +129,9 @@ def cross_entropy_tile_forward_reference_(
     formulas): logits [tile, rows] (raw, transposed) become the transformed logits z; per row, the label's z
     (when the label lies in the tile) is added to target, the sum of z to logit_sum (unless None), and the
     tile's log-sum-exp is merged into the running (maximum, sum)."""
-    per_row = {"running_max": running_max, "running_sum": running_sum, "target": target, "logit_sum": logit_sum}
-    check_cross_entropy_tile_args("cross_entropy_tile_forward_", logits, bias, labels, start, softcap, per_row)
+    check_cross_entropy_tile_forward_args(
+        logits, bias, labels, start, softcap, running_max, running_sum, target, logit_sum
+    )
     tile, rows = logits.shape
     if tile == 0 or rows == 0:
         return
@@ -150,8 +152,7 @@ def cross_entropy_tile_backward_reference_(
 ):
     """One vocabulary tile of a cross-entropy's backward: logits [tile, rows] (raw, transposed) become the
     gradient of the loss w.r.t. them (memengine::logit_gradient in csrc/include/memengine/cross_entropy_tile.h)."""
-    per_row = {"lse": lse, "probability_scale": probability_scale, "row_scale": row_scale}
-    check_cross_entropy_tile_args("cross_entropy_tile_backward_", logits, bias, labels, start, softcap, per_row)
+    check_cross_entropy_tile_backward_args(logits, bias, labels, start, softcap, lse, probability_scale, row_scale)
     tile, rows = logits.shape
     if tile == 0 or rows == 0:
         return

@@ -269,3 +269,21 @@ def check_cross_entropy_tile_args(op, logits, bias, labels, start, softcap, per_
         for name, t in per_row.items():
             if t is not None and t.numel() and _share_bytes(logits, t):
                 _fail(op, f"logits and {name} overlap in memory; pass separate tensors")
+
+
+def check_cross_entropy_tile_forward_args(
+    logits, bias, labels, start, softcap, running_max, running_sum, target, logit_sum, check_memory=True
+):
+    per_row = {"running_max": running_max, "running_sum": running_sum, "target": target, "logit_sum": logit_sum}
+    check_cross_entropy_tile_args(
+        "cross_entropy_tile_forward_", logits, bias, labels, start, softcap, per_row, check_memory
+    )
+
+
+def check_cross_entropy_tile_backward_args(
+    logits, bias, labels, start, softcap, lse, probability_scale, row_scale, check_memory=True
+):
+    per_row = {"lse": lse, "probability_scale": probability_scale, "row_scale": row_scale}
+    check_cross_entropy_tile_args(
+        "cross_entropy_tile_backward_", logits, bias, labels, start, softcap, per_row, check_memory
+    )

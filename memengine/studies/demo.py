@@ -68,7 +68,7 @@ import memengine
 from memengine.engine import Engine, causal_lm_loss, split_batch
 from memengine.engine.step_memory import human_bytes, resident_tensors, storage_bytes
 from memengine.models import GPT
-from memengine.segments import parse_bytes, repeated_blocks
+from memengine.segments import activation_share, parse_bytes, repeated_blocks
 from memengine.segments.allocator_peak import peak_extra_bytes
 
 BYTE_VALUES = 256  # the tokens are bytes: ids 0-255 of the model's vocabulary
@@ -174,12 +174,9 @@ def parse_budget(text):
     text = str(text).strip()
     if text.endswith("%"):
         try:
-            percent = float(text[:-1])
+            return "fraction", activation_share(text)
         except ValueError:
-            percent = math.nan
-        if not 0 < percent <= 100:
-            raise ValueError(f"--budget {text}: a percentage of row 5's activations must be in (0, 100]")
-        return "fraction", percent / 100
+            raise ValueError(f"--budget {text}: a percentage of row 5's activations must be in (0, 100]") from None
     try:
         count = parse_bytes(text)
     except ValueError:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from memengine.ops import fake
-from memengine.ops.validation import check_cross_entropy_tile_args
+from memengine.ops.validation import check_cross_entropy_tile_backward_args, check_cross_entropy_tile_forward_args
 
 BLOCK_VOCABULARY = 32
 BLOCK_ROWS = 64
@@ -163,8 +163,9 @@ def triton_cross_entropy_tile_forward_(
     target: torch.Tensor,
     logit_sum: torch.Tensor | None,
 ) -> None:
-    per_row = {"running_max": running_max, "running_sum": running_sum, "target": target, "logit_sum": logit_sum}
-    check_cross_entropy_tile_args("cross_entropy_tile_forward_", logits, bias, labels, start, softcap, per_row)
+    check_cross_entropy_tile_forward_args(
+        logits, bias, labels, start, softcap, running_max, running_sum, target, logit_sum
+    )
     tile, rows = logits.shape
     if tile == 0 or rows == 0:
         return
@@ -203,8 +204,7 @@ def triton_cross_entropy_tile_backward_(
     uniform: float,
     target_weight: float,
 ) -> None:
-    per_row = {"lse": lse, "probability_scale": probability_scale, "row_scale": row_scale}
-    check_cross_entropy_tile_args("cross_entropy_tile_backward_", logits, bias, labels, start, softcap, per_row)
+    check_cross_entropy_tile_backward_args(logits, bias, labels, start, softcap, lse, probability_scale, row_scale)
     tile, rows = logits.shape
     if tile == 0 or rows == 0:
         return
